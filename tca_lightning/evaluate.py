@@ -1,0 +1,236 @@
+"""Image-quality evaluation of a (quantized) diffusion transformer: FID, KID, IS, accuracy, fidelity.
+
+Metrics come from torchmetrics with a pluggable feature extractor: the shipped
+``mnist-features`` classifier for the tiny models (FID/KID on its 128-d penultimate features,
+IS on its class probabilities, scored against the 500 held-out real digits), torchmetrics'
+InceptionV3 for real models. Conditional accuracy is the share of samples the classifier
+assigns to the requested class. Paired fidelity (PSNR/MSE in [0, 1] pixel space over the
+whole set) compares against a reference model's images on identical noise: the least noisy
+way to rank quantization methods.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric, MeanSquaredError
+from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from tca_lightning.models.adapters import Condition, DiffusionAdapter, get_adapter
+from tca_lightning.models.classifier import ClassifierLogits
+from tca_lightning.models.loading import load_classifier, load_model
+from tca_lightning.models.samplers import SamplerConfig, decode, sample
+
+REAL_SETS = ("mnist-heldout", "mnist-train")
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON through a temp file and rename, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def image_grid(images: torch.Tensor, ncols: int = 10, pad: int = 2) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> one (C, H', W') grid image, row-major, white padding."""
+    n, c, h, w = images.shape
+    nrows = -(-n // ncols)
+    grid = torch.ones(c, nrows * (h + pad) + pad, ncols * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_png_atomic(grid: torch.Tensor, path: str | os.PathLike) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    array = grid.permute(1, 2, 0).cpu().numpy()
+    plt.imsave(tmp, array[..., 0] if array.shape[-1] == 1 else array, cmap="gray", vmin=0.0, vmax=1.0)
+    os.replace(tmp, path)
+
+
+def real_digits(split: str) -> torch.Tensor:
+    from tca_lightning.data.digits import load_digits
+
+    if split not in REAL_SETS:
+        raise ValueError(f"real_images must be one of {REAL_SETS} for the tiny models, got {split!r}")
+    images, _ = load_digits("heldout" if split == "mnist-heldout" else "train")
+    return (images + 1) / 2
+
+
+class ImageMetrics(torch.nn.Module):
+    """FID, KID, IS, conditional accuracy and paired PSNR/MSE, accumulated over batches (DDP-synced)."""
+
+    def __init__(self, classifier: torch.nn.Module, kid_subset_size: int = 100):
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.fid = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
+        self.kid = KernelInceptionDistance(feature=classifier, reset_real_features=False, subset_size=kid_subset_size)
+        self.inception_score = InceptionScore(feature=ClassifierLogits(classifier), splits=10)
+        self.cond_acc = MeanMetric()
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.mse = MeanSquaredError()
+        self.num_real = 0
+        self.num_fake = 0
+
+    def _to_model_range(self, images01: torch.Tensor) -> torch.Tensor:
+        return images01 * 2 - 1  # the classifier reads [-1, 1]
+
+    def update_real(self, images01: torch.Tensor) -> None:
+        x = self._to_model_range(images01)
+        self.fid.update(x, real=True)
+        self.kid.update(x, real=True)
+        self.num_real += len(x)
+
+    def update(self, images01: torch.Tensor, labels: torch.Tensor, reference01: torch.Tensor | None = None) -> None:
+        x = self._to_model_range(images01)
+        self.fid.update(x, real=False)
+        self.kid.update(x, real=False)
+        self.inception_score.update(x)
+        with torch.no_grad():
+            pred = self.classifier.logits(x).argmax(1)
+        self.cond_acc.update((pred == labels.to(pred.device)).float())
+        if reference01 is not None:
+            self.psnr.update(images01, reference01)
+            self.mse.update(images01, reference01)
+        self.num_fake += len(x)
+
+    def compute(self, seed: int = 0) -> dict:
+        n_real = int(sum(len(f) for f in self.kid.real_features))
+        n_fake = int(sum(len(f) for f in self.kid.fake_features))
+        self.kid.subset_size = max(2, min(self.kid.subset_size, n_real, n_fake))
+        with torch.random.fork_rng():  # KID subsets and IS splits draw from the global RNG
+            torch.manual_seed(seed)
+            kid_mean, kid_std = self.kid.compute()
+            is_mean, is_std = self.inception_score.compute()
+        out = {
+            "fid": float(self.fid.compute()),
+            "kid": float(kid_mean), "kid_std": float(kid_std),
+            "is": float(is_mean), "is_std": float(is_std),
+            "cond_acc": float(self.cond_acc.compute()),
+        }
+        if self.psnr.update_count > 0:
+            out["psnr_vs_fp"] = float(self.psnr.compute())
+            out["mse_vs_fp"] = float(self.mse.compute())
+        return out
+
+
+class DiffusionEvaluator(L.LightningModule):
+    """Samples a model on the data module's conditions and scores it (``test``)."""
+
+    def __init__(
+        self,
+        model: str = "tiny-dit",
+        sampler: SamplerConfig = SamplerConfig(),
+        reference: str | None = None,
+        method: str = "fp",
+        wbits: int = 32,
+        abits: int = 32,
+        classifier: str | None = None,
+        real_images: str = "mnist-heldout",
+        kid_subset_size: int = 100,
+        grid_samples: int = 100,
+        vae: str | None = None,
+    ):
+        """
+        Args:
+            model: embedded name (tiny-dit, tiny-pixart), local folder, hub id, or random:<arch>.
+            sampler: scheduler, steps, guidance scale and noise seed.
+            reference: a model whose images on identical noise are the PSNR/MSE reference (e.g. the FP model).
+            method: name recorded in metrics.json (the quantization method; "fp" for none).
+            wbits: weight bits recorded in metrics.json (32 for FP32).
+            abits: activation bits recorded in metrics.json.
+            classifier: folder of the feature classifier (default: the shipped mnist-features).
+            real_images: real set for FID/KID: mnist-heldout (500 images) or mnist-train (4,500).
+            kid_subset_size: KID subset size (capped by the number of samples).
+            grid_samples: how many samples go into the PNG grid.
+            vae: AutoencoderKL folder/hub id for latent models.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(**sampler)
+        loaded = load_model(model, vae=vae, seed=self.sampler.seed)
+        self.transformer = loaded.transformer.requires_grad_(False)
+        self.caption_encoder = loaded.caption_encoder
+        self.vae = loaded.vae
+        self.scheduler_config = loaded.scheduler_config
+        self.reference_model = None
+        if reference is not None:
+            ref = load_model(reference, seed=self.sampler.seed)
+            self.reference_model = ref.transformer.requires_grad_(False)
+            self.reference_captions = ref.caption_encoder
+        self.metrics = ImageMetrics(load_classifier(classifier), kid_subset_size)
+        self._grid: list[torch.Tensor] = []
+        self._sampling_seconds = 0.0
+
+    @property
+    def adapter(self) -> DiffusionAdapter:
+        return get_adapter(self.transformer, self.caption_encoder)
+
+    def conditions(self, adapter: DiffusionAdapter, batch: dict) -> Condition:
+        if adapter.kind == "dit":
+            return Condition(labels=torch.as_tensor(batch["label"], device=self.device))
+        return adapter.encode_captions(batch["caption"])
+
+    def generate(self, adapter: DiffusionAdapter, batch: dict) -> torch.Tensor:
+        x0 = sample(adapter, self.conditions(adapter, batch), batch["index"], self.sampler,
+                    self.scheduler_config, progress=False)
+        return decode(x0, self.vae)
+
+    def on_test_start(self) -> None:
+        real = real_digits(self.hparams.real_images)
+        shard = real[self.global_rank::self.trainer.world_size].to(self.device)
+        for chunk in shard.split(250):
+            self.metrics.update_real(chunk)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        start = time.perf_counter()
+        images = self.generate(self.adapter, batch)
+        self._sampling_seconds += time.perf_counter() - start
+        reference = None
+        if self.reference_model is not None:
+            reference = self.generate(get_adapter(self.reference_model, self.reference_captions), batch)
+        self.metrics.update(images, batch["label"], reference)
+        kept = sum(len(g) for g in self._grid)
+        if kept < self.hparams.grid_samples:
+            self._grid.append(images[: self.hparams.grid_samples - kept].cpu())
+
+    def on_test_epoch_end(self) -> None:
+        results = self.metrics.compute(seed=self.sampler.seed)
+        num_samples = int(self.trainer.strategy.reduce(torch.tensor(float(self.metrics.num_fake)), reduce_op="sum"))
+        hp, sp = self.hparams, self.sampler
+        record = {
+            "model": hp.model, "method": hp.method, "wbits": hp.wbits, "abits": hp.abits,
+            "num_samples": num_samples, "steps": sp.num_steps, "scheduler": sp.scheduler,
+            "guidance_scale": sp.guidance_scale, "seed": sp.seed, "reference": hp.reference,
+            "real_images": hp.real_images, "feature_extractor": hp.classifier or "mnist-features",
+            "sampling_seconds": round(self._sampling_seconds, 2), **results,
+        }
+        self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=False, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            write_json_atomic(out_dir / "metrics.json", record)
+            if self._grid:
+                grid = image_grid(torch.cat(self._grid))
+                save_png_atomic(grid, out_dir / "samples.png")
+                experiment = getattr(self.logger, "experiment", None)
+                if hasattr(experiment, "add_image"):
+                    experiment.add_image("samples", grid, global_step=self.global_step)
+            print(json.dumps(record, indent=2))
+        self.results = record

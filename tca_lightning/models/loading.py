@@ -1,0 +1,164 @@
+"""Resolve a model name, local path or hub id to a diffusers transformer (and its helpers).
+
+Accepted ``model`` strings:
+- ``tiny-dit`` / ``tiny-pixart``: the embedded models shipped in ``tca_lightning/weights``;
+- a local folder: a transformer folder (``config.json`` + weights) or a pipeline folder
+  (with ``transformer/``, and optionally ``vae/`` and ``scheduler/``);
+- a hub id (``facebook/DiT-XL-2-256``, ``PixArt-alpha/PixArt-XL-2-512x512``): loaded through
+  diffusers from the local Hugging Face cache or the hub;
+- ``random:<arch>`` with ``<arch>`` in :data:`ARCHITECTURES`: the real architecture from its
+  config with random weights, for speed and memory benchmarks that do not depend on values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+from tca_lightning.models.captions import TinyCaptionEncoder
+from tca_lightning.models.tiny import TINY_DIT_CONFIG, TINY_PIXART_CONFIG
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+EMBEDDED = ("tiny-dit", "tiny-pixart")
+CLASSIFIER = "mnist-features"
+
+# Transformer configs of the published checkpoints (their config.json), for random-weight instantiation.
+_DIT_XL_2 = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+                 patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero", activation_fn="gelu-approximate")
+ARCHITECTURES: dict[str, tuple[type, dict]] = {
+    "dit-xl-2-256": (DiTTransformer2DModel, {**_DIT_XL_2, "sample_size": 32}),
+    "dit-xl-2-512": (DiTTransformer2DModel, {**_DIT_XL_2, "sample_size": 64}),
+    "pixart-alpha-512": (PixArtTransformer2DModel, dict(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        cross_attention_dim=1152, caption_channels=4096, sample_size=64, patch_size=2, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, use_additional_conditions=False, activation_fn="gelu-approximate")),
+    "tiny-dit": (DiTTransformer2DModel, TINY_DIT_CONFIG),
+    "tiny-pixart": (PixArtTransformer2DModel, TINY_PIXART_CONFIG),
+}
+_CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "PixArtTransformer2DModel": PixArtTransformer2DModel}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name, path or hub id that cannot be resolved to weights; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A transformer plus what sampling it needs: caption encoder (tiny-pixart), VAE (latent models)."""
+
+    name: str
+    transformer: torch.nn.Module
+    caption_encoder: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    scheduler_config: dict = field(default_factory=dict)
+
+
+def load_model(model: str, *, vae: str | None = None, torch_dtype: torch.dtype | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load ``model`` (see module docstring) in eval mode; ``vae`` is a folder/hub id for latent models."""
+    if not isinstance(model, str) or not model:
+        raise ModelNotFoundError(f"model must be a non-empty string (a name, path or hub id), got {model!r}")
+    if model.startswith("random:"):
+        loaded = _random_model(model, seed)
+    elif model in EMBEDDED:
+        loaded = _load_folder(WEIGHTS / model, model)
+    elif Path(model).expanduser().exists():
+        loaded = _load_folder(Path(model).expanduser(), model)
+    elif "/" not in model:
+        raise ModelNotFoundError(f"unknown model name {model!r}: not an embedded model {EMBEDDED}, not an existing "
+                                 f"path, not a hub id (owner/name), not random:<arch> with <arch> in {sorted(ARCHITECTURES)}")
+    elif _looks_like_path(model):
+        raise ModelNotFoundError(f"model path {model!r} does not exist. Give an existing folder holding config.json "
+                                 f"(a transformer) or transformer/ (a pipeline), or one of the names {EMBEDDED}.")
+    else:
+        loaded = _load_hub(model)
+    if vae is not None:
+        loaded.vae = _load_vae(vae)
+    if torch_dtype is not None:
+        loaded.transformer.to(torch_dtype)
+    loaded.transformer.eval()  # a DiT left in train mode drops 10% of labels at random
+    return loaded
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith("/")
+
+
+def _random_model(model: str, seed: int) -> LoadedModel:
+    arch = model.split(":", 1)[1]
+    if arch not in ARCHITECTURES:
+        raise ModelNotFoundError(f"unknown architecture {arch!r} in {model!r}; choose one of {sorted(ARCHITECTURES)}")
+    cls, config = ARCHITECTURES[arch]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformer = cls(**config)
+    encoder = TinyCaptionEncoder(embed_dim=config["caption_channels"]) if arch == "tiny-pixart" else None
+    return LoadedModel(model, transformer, caption_encoder=encoder)
+
+
+def _transformer_class(folder: Path) -> type:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{folder} has no config.json: expected a diffusers transformer folder "
+                                 "(save_pretrained output) or a pipeline folder with transformer/")
+    name = json.loads(config_file.read_text()).get("_class_name")
+    if name not in _CLASSES:
+        raise ModelNotFoundError(f"{config_file} describes a {name!r}; supported transformers are {sorted(_CLASSES)}")
+    return _CLASSES[name]
+
+
+def _load_folder(folder: Path, name: str) -> LoadedModel:
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"model folder {folder} is missing; reinstall tca_lightning or retrain it with "
+                                 f"`python -m tca_lightning.train_tiny {name}`")
+    root, transformer_dir = folder, folder
+    if (folder / "transformer").is_dir():
+        transformer_dir = folder / "transformer"
+    transformer = _transformer_class(transformer_dir).from_pretrained(transformer_dir)
+    encoder = None
+    if (root / "caption_encoder").is_dir():
+        encoder = TinyCaptionEncoder.from_pretrained(root / "caption_encoder")
+    vae = _load_vae(str(root / "vae")) if (root / "vae").is_dir() else None
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    return LoadedModel(name, transformer, caption_encoder=encoder, vae=vae, scheduler_config=scheduler_config)
+
+
+def _load_hub(model: str) -> LoadedModel:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(model, allow_patterns=["*.json", "transformer/*", "vae/*", "*.safetensors"]))
+    except Exception as err:  # offline, unknown repo, gated repo: one clear message
+        raise ModelNotFoundError(
+            f"could not load {model!r} from the Hugging Face hub or its local cache ({type(err).__name__}). "
+            f"On a machine with internet run `huggingface-cli download {model}` and either copy the cache "
+            f"(HF_HOME) here or pass the downloaded folder as the model path; the embedded models are {EMBEDDED}."
+        ) from None
+    return _load_folder(folder, model)
+
+
+def _load_vae(vae: str):
+    from diffusers import AutoencoderKL
+
+    path = Path(vae).expanduser()
+    try:
+        return AutoencoderKL.from_pretrained(path if path.exists() else vae).eval()
+    except Exception as err:
+        raise ModelNotFoundError(f"could not load the VAE {vae!r} ({type(err).__name__}: {err}); give a local "
+                                 "AutoencoderKL folder, e.g. stabilityai/sd-vae-ft-ema downloaded beforehand") from None
+
+
+def load_classifier(path: str | None = None):
+    """The shipped mnist-features classifier (or one saved at ``path``)."""
+    from tca_lightning.models.classifier import MnistFeatures
+
+    folder = Path(path) if path else WEIGHTS / CLASSIFIER
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(f"classifier folder {folder} is missing; retrain it with "
+                                 "`python -m tca_lightning.train_tiny mnist-features`")
+    return MnistFeatures.from_pretrained(folder)
