@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.image import PeakSignalNoiseRatio
@@ -37,8 +38,19 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, sort_keys=True, allow_nan=False) + "\n")
     os.replace(tmp, path)
+
+
+def _finite(value):
+    """Strict JSON has no Infinity/NaN: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def image_grid(images: torch.Tensor, ncols: int = 10, pad: int = 2) -> torch.Tensor:
@@ -86,6 +98,19 @@ class ImageMetrics(torch.nn.Module):
         self.cond_acc = MeanMetric()
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.mse = MeanSquaredError()
+        self.kid_subset_size = kid_subset_size
+        self.num_real = 0
+        self.num_fake = 0
+
+    def reset(self) -> None:
+        """Forget everything, real features included (they survive FID/KID's own reset)."""
+        for metric in (self.fid, self.kid, self.inception_score, self.cond_acc, self.psnr, self.mse):
+            metric.reset()
+        for metric in (self.fid, self.kid):
+            for name, default in metric._defaults.items():
+                if name.startswith("real"):
+                    setattr(metric, name, default.clone() if isinstance(default, torch.Tensor) else [])
+        self.kid.subset_size = self.kid_subset_size
         self.num_real = 0
         self.num_fake = 0
 
@@ -114,7 +139,7 @@ class ImageMetrics(torch.nn.Module):
     def compute(self, seed: int = 0) -> dict:
         n_real = int(sum(len(f) for f in self.kid.real_features))
         n_fake = int(sum(len(f) for f in self.kid.fake_features))
-        self.kid.subset_size = max(2, min(self.kid.subset_size, n_real, n_fake))
+        self.kid.subset_size = max(2, min(self.kid_subset_size, n_real, n_fake))
         with torch.random.fork_rng():  # KID subsets and IS splits draw from the global RNG
             torch.manual_seed(seed)
             kid_mean, kid_std = self.kid.compute()
@@ -194,6 +219,8 @@ class DiffusionEvaluator(L.LightningModule):
         return decode(x0, self.vae)
 
     def on_test_start(self) -> None:
+        self.metrics.reset()
+        self._grid, self._sampling_seconds = [], 0.0
         real = real_digits(self.hparams.real_images)
         shard = real[self.global_rank::self.trainer.world_size].to(self.device)
         for chunk in shard.split(250):

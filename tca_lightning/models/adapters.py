@@ -38,6 +38,8 @@ class Condition:
     mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
+        if self.labels is None and self.tokens is None:
+            raise ValueError("an empty Condition: give labels (DiT) or tokens and mask (PixArt)")
         return len(self.labels if self.labels is not None else self.tokens)
 
     def cat(self, other: "Condition") -> "Condition":
@@ -136,7 +138,7 @@ class DiffusionAdapter(ABC):
 
     def run_block(self, index: int, io: BlockIO, block: nn.Module | None = None) -> torch.Tensor:
         """Replay block ``index`` (or a stand-in ``block``, e.g. its quantized copy) on captured inputs."""
-        return (block or self.blocks()[index])(*io.args, **io.kwargs)
+        return (self.blocks()[index] if block is None else block)(*io.args, **io.kwargs)
 
 
 def _detach(value):

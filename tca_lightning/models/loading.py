@@ -112,6 +112,9 @@ def _transformer_class(folder: Path) -> type:
 
 
 def _load_folder(folder: Path, name: str) -> LoadedModel:
+    if folder.exists() and not folder.is_dir():
+        raise ModelNotFoundError(f"model path {folder} is a file; give the folder that holds config.json "
+                                 "(a transformer) or transformer/ (a pipeline)")
     if not folder.is_dir():
         raise ModelNotFoundError(f"model folder {folder} is missing; reinstall tca_lightning or retrain it with "
                                  f"`python -m tca_lightning.train_tiny {name}`")
@@ -129,17 +132,69 @@ def _load_folder(folder: Path, name: str) -> LoadedModel:
 
 
 def _load_hub(model: str) -> LoadedModel:
-    from huggingface_hub import snapshot_download
+    """A hub id through diffusers: a pipeline repo (transformer/ subfolder) or a bare transformer repo."""
+    from huggingface_hub import hf_hub_download
 
     try:
-        folder = Path(snapshot_download(model, allow_patterns=["*.json", "transformer/*", "vae/*", "*.safetensors"]))
+        local = _hub_cached_or_reachable(model)
+        try:
+            subfolder = "transformer"
+            config_file = hf_hub_download(model, "config.json", subfolder=subfolder, local_files_only=local)
+        except Exception as err:
+            if "EntryNotFound" not in type(err).__name__:
+                raise
+            subfolder, config_file = None, hf_hub_download(model, "config.json", local_files_only=local)
+        cls = _transformer_class(Path(config_file).parent)
+        transformer = cls.from_pretrained(model, subfolder=subfolder, local_files_only=local)
+    except ModelNotFoundError:
+        raise
     except Exception as err:  # offline, unknown repo, gated repo: one clear message
         raise ModelNotFoundError(
-            f"could not load {model!r} from the Hugging Face hub or its local cache ({type(err).__name__}). "
+            f"could not load {model!r} from the Hugging Face hub or its local cache ({type(err).__name__}: {err}). "
             f"On a machine with internet run `huggingface-cli download {model}` and either copy the cache "
             f"(HF_HOME) here or pass the downloaded folder as the model path; the embedded models are {EMBEDDED}."
         ) from None
-    return _load_folder(folder, model)
+    vae = None
+    try:
+        hf_hub_download(model, "config.json", subfolder="vae", local_files_only=local)
+        has_vae = True
+    except Exception:
+        has_vae = False  # a bare transformer repo, or a cache without vae/: pass vae= explicitly then
+    if has_vae:
+        from diffusers import AutoencoderKL
+
+        try:
+            vae = AutoencoderKL.from_pretrained(model, subfolder="vae", local_files_only=local).eval()
+        except Exception as err:
+            raise ModelNotFoundError(f"{model!r} has a vae/ that could not be loaded ({type(err).__name__}: {err})") from None
+    scheduler_config = {}
+    try:
+        scheduler_file = hf_hub_download(model, "scheduler_config.json", subfolder="scheduler", local_files_only=local)
+        scheduler_config = json.loads(Path(scheduler_file).read_text())
+    except Exception:
+        pass  # a bare transformer repo has no scheduler: the training schedule defaults apply
+    return LoadedModel(model, transformer, vae=vae, scheduler_config=scheduler_config)
+
+
+def _hub_cached_or_reachable(model: str) -> bool:
+    """True when ``model`` is in the local cache (load offline); raises at once when it is not and the hub
+    is unreachable, instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = any(isinstance(try_to_load_from_cache(model, f), str) for f in ("transformer/config.json", "config.json"))
+    if cached:
+        return True
+    if constants.HF_HUB_OFFLINE:
+        raise ConnectionError("HF_HUB_OFFLINE is set and the model is not in the local cache")
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        raise ConnectionError(f"{host} is unreachable ({err}) and the model is not in the local cache") from None
+    return False
 
 
 def _load_vae(vae: str):
