@@ -89,6 +89,19 @@ class DiffusionAdapter(ABC):
                 refs.append(LinearRef(name, role, int(match.group(1)) if match else None, module))
         return refs
 
+    def shared_input_groups(self, names: list[str] | None = None) -> list[list[str]]:
+        """Linears that read the same tensor (q/k/v of an attention; k/v of a cross-attention): a transform of
+        that tensor must be one transform for the whole group, so it can fold into the op that produces it."""
+        groups: dict[str, list[str]] = {}
+        for ref in self.linears():
+            if names is not None and ref.name not in names:
+                continue
+            key = ref.name
+            if ref.role in ("qkv", "cross_kv"):
+                key = ref.name.rsplit(".", 1)[0] + f".<{ref.role}>"
+            groups.setdefault(key, []).append(ref.name)
+        return list(groups.values())
+
     @property
     def config(self):
         return self.transformer.config

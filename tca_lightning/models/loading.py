@@ -121,7 +121,7 @@ def _load_folder(folder: Path, name: str) -> LoadedModel:
     root, transformer_dir = folder, folder
     if (folder / "transformer").is_dir():
         transformer_dir = folder / "transformer"
-    transformer = _transformer_class(transformer_dir).from_pretrained(transformer_dir)
+    transformer = _transformer_class(transformer_dir).from_pretrained(transformer_dir, low_cpu_mem_usage=False)
     encoder = None
     if (root / "caption_encoder").is_dir():
         encoder = TinyCaptionEncoder.from_pretrained(root / "caption_encoder")
@@ -145,7 +145,7 @@ def _load_hub(model: str) -> LoadedModel:
                 raise
             subfolder, config_file = None, hf_hub_download(model, "config.json", local_files_only=local)
         cls = _transformer_class(Path(config_file).parent)
-        transformer = cls.from_pretrained(model, subfolder=subfolder, local_files_only=local)
+        transformer = cls.from_pretrained(model, subfolder=subfolder, local_files_only=local, low_cpu_mem_usage=False)
     except ModelNotFoundError:
         raise
     except Exception as err:  # offline, unknown repo, gated repo: one clear message

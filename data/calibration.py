@@ -1,0 +1,143 @@
+"""The calibration-data path every method shares: FP trajectories, then per-linear input statistics.
+
+Trajectories are what the FP model sees with its real sampler: for N conditions, x_t at every
+sampler step (stored compact: inputs, timesteps and conditions, never activations). Statistics
+are recomputed from them on demand by one FP forward per step with hooks on the linears:
+per-timestep, per-input-channel absmax (the anomaly profile the whole project is about) and,
+for GPTQ-style methods, the input Gram matrix X^T X.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tca_lightning.models.adapters import Condition, DiffusionAdapter
+from tca_lightning.models.samplers import SamplerConfig, sample
+
+
+@dataclass
+class Trajectories:
+    """x_t (T, N, C, H, W) before each model call, timesteps (T,), the N conditions, and the sampler used."""
+
+    x: torch.Tensor
+    timesteps: torch.Tensor
+    cond: Condition
+    sampler: SamplerConfig
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"x": self.x, "timesteps": self.timesteps, "cond": asdict(self.cond),
+                    "sampler": asdict(self.sampler)}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Trajectories":
+        d = torch.load(path, weights_only=True)
+        return cls(d["x"], d["timesteps"], Condition(**d["cond"]), SamplerConfig(**d["sampler"]))
+
+
+@torch.no_grad()
+def generate_trajectories(adapter: DiffusionAdapter, cond: Condition, indices, sampler: SamplerConfig,
+                          progress: bool = True) -> Trajectories:
+    """Sample the FP model and keep every x_t (the samples' noise is seeded by ``indices``)."""
+    xs, ts = [], []
+    sample(adapter, cond, indices, sampler, progress=progress,
+           on_step=lambda step, t, x: (xs.append(x.detach().cpu().clone()), ts.append(int(t))))
+    return Trajectories(torch.stack(xs), torch.tensor(ts), cond.to("cpu"), sampler)
+
+
+def cached_trajectories(adapter: DiffusionAdapter, cond: Condition, indices, sampler: SamplerConfig,
+                        cache_dir: str | os.PathLike | None, model_name: str) -> Trajectories:
+    """generate_trajectories, memoized in ``cache_dir`` by (model, conditions, indices, sampler)."""
+    if cache_dir is None:
+        return generate_trajectories(adapter, cond, indices, sampler)
+    key = hashlib.sha256(json.dumps({
+        "model": model_name, "sampler": asdict(sampler), "indices": [int(i) for i in indices],
+        "cond": {k: None if v is None else hashlib.sha256(v.cpu().numpy().tobytes()).hexdigest()
+                 for k, v in asdict(cond).items()},
+        "weights": hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()[:4096]
+                                           for p in adapter.transformer.parameters())).hexdigest(),
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"trajectories-{key}.pt"
+    if path.is_file():
+        return Trajectories.load(path)
+    traj = generate_trajectories(adapter, cond, indices, sampler)
+    traj.save(path)
+    return traj
+
+
+@dataclass
+class LinearStats:
+    """Per quantizable linear (by qualified name): absmax (T, in_features) per timestep and channel,
+    and optionally the Gram matrix X^T X (in, in) summed over all tokens, with its token count."""
+
+    timesteps: torch.Tensor
+    absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+    def overall_absmax(self, name: str) -> torch.Tensor:
+        return self.absmax[name].amax(0)
+
+
+@torch.no_grad()
+def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: list[str] | None = None,
+                         gram: bool = False, batch_size: int = 64, progress: bool = True) -> LinearStats:
+    """One FP forward per step over the trajectories (conditional and, with guidance, unconditional
+    halves, as at inference), hooks recording each linear's input statistics."""
+    refs = {r.name: r.module for r in adapter.linears()}
+    names = list(refs) if names is None else names
+    stats = LinearStats(traj.timesteps.clone())
+    for n in names:
+        stats.absmax[n] = torch.zeros(traj.num_steps, refs[n].in_features)
+        if gram:
+            stats.gram[n] = torch.zeros(refs[n].in_features, refs[n].in_features, dtype=torch.float64)
+            stats.tokens[n] = 0
+    step_holder = [0]
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            s = step_holder[0]
+            stats.absmax[name][s] = torch.maximum(stats.absmax[name][s], x.abs().amax(0).cpu())
+            if gram:
+                stats.gram[name] += (x.t() @ x).double().cpu()
+                stats.tokens[name] += x.shape[0]
+        return record
+
+    handles = [refs[n].register_forward_pre_hook(hook(n)) for n in names]
+    device = next(adapter.transformer.parameters()).device
+    guided = traj.sampler.guidance_scale > 1.0
+    try:
+        n_items = traj.x.shape[1]
+        for s in tqdm(range(traj.num_steps), disable=not progress, desc="calibration statistics", leave=False):
+            step_holder[0] = s
+            for lo in range(0, n_items, batch_size):
+                x = traj.x[s, lo:lo + batch_size].to(device)
+                cond = _slice(traj.cond, lo, lo + batch_size).to(device)
+                if guided:
+                    cond = cond.cat(adapter.null_condition(len(x)).to(device))
+                    x = torch.cat([x, x])
+                adapter.forward(x, traj.timesteps[s], cond)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _slice(cond: Condition, lo: int, hi: int) -> Condition:
+    cut = lambda a: None if a is None else a[lo:hi]  # noqa: E731
+    return Condition(cut(cond.labels), cut(cond.tokens), cut(cond.mask))

@@ -1,0 +1,122 @@
+"""QuantLinear: an nn.Linear with weight/input quantizers and an optional input transform.
+
+Every method is a way of *setting* these parts: SmoothQuant sets ``smooth``; QuaRot sets
+``rotation``; RGQ sets ``perm``; SVDQuant sets ``lowrank_a``/``lowrank_b``; GPTQ replaces
+``weight``; LWC learns ``clip_logit``; ViDiT-Q/PTQ4DiT set ``smooth`` from their own rules.
+The forward is always the same fake-quant computation:
+
+    x' = ((x / s) R)[..., P]                      (transform_input)
+    W' = ((W diag(s)) R)[:, P] - (A B)^T           (fold_input_transform, minus the low-rank branch)
+    y  = Q_a(x') Q_w(W')^T + b + (x' A) B
+
+which equals x W^T + b exactly when quantization is disabled (bits >= 16).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tca_lightning.quant.quantizers import QuantSpec, fake_quant, fake_quant_static
+from tca_lightning.quant.transforms import fold_input_transform, transform_input
+
+
+class QuantLinear(nn.Linear):
+    """A subclass of nn.Linear, so model code and adapters that look for linears still find it."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: QuantSpec,
+                 act_spec: QuantSpec, name: str = "linear"):
+        super().__init__(in_features, out_features, bias=bias)
+        self.name = name
+        self.weight_spec, self.act_spec = weight_spec, act_spec
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        for buffer in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b"):
+            self.register_buffer(buffer, None)
+        self.clip_logit: nn.Parameter | None = None  # learnable weight clipping (per output channel)
+        self._frozen_weight: torch.Tensor | None = None
+        self._check_groups()
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec, name: str = "linear"):
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_spec, act_spec, name)
+        q.weight.data.copy_(linear.weight.detach())
+        if linear.bias is not None:
+            q.bias.data.copy_(linear.bias.detach())
+        return q.to(linear.weight.device)
+
+    def _check_groups(self) -> None:
+        for kind, spec in (("weight", self.weight_spec), ("activation", self.act_spec)):
+            if spec.enabled and spec.granularity == "group" and self.in_features % spec.group_size:
+                raise ValueError(f"{kind} group_size {spec.group_size} does not divide in_features "
+                                 f"{self.in_features} of {self.name}")
+
+    # --- the parts methods set -----------------------------------------------------------
+    def set_transform(self, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                      perm: torch.Tensor | None = None) -> None:
+        for name, value in (("smooth", smooth), ("rotation", rotation), ("perm", perm)):
+            if value is not None:
+                expected = (self.in_features,) * (2 if name == "rotation" else 1)
+                if tuple(value.shape) != expected:
+                    raise ValueError(f"{name} of {self.name} must have shape {expected}, got {tuple(value.shape)}")
+                setattr(self, name, value.detach().to(self.weight.device))
+        self.unfreeze()
+
+    def set_lowrank(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """FP branch y += (x' a) b, a: (in, r), b: (r, out); the quantized weight carries the residual."""
+        self.lowrank_a, self.lowrank_b = a.detach().to(self.weight.device), b.detach().to(self.weight.device)
+        self.unfreeze()
+
+    def enable_weight_clipping(self, init_ratio: float = 1.0) -> nn.Parameter:
+        """OmniQuant's learnable weight clipping: ratio = sigmoid(logit) per output channel (Shao et al. 2024)."""
+        ratio = torch.full((self.out_features, 1), min(max(init_ratio, 1e-4), 1 - 1e-4))
+        self.clip_logit = nn.Parameter(torch.log(ratio / (1 - ratio)).to(self.weight.device))
+        return self.clip_logit
+
+    # --- computation ---------------------------------------------------------------------
+    def transformed_weight(self) -> torch.Tensor:
+        w = fold_input_transform(self.weight, self.smooth, self.rotation, self.perm)
+        if self.lowrank_a is not None:
+            w = w - (self.lowrank_a @ self.lowrank_b).t()
+        return w
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self._frozen_weight is not None:
+            return self._frozen_weight
+        w = self.transformed_weight()
+        clip = None
+        if self.clip_logit is not None:
+            clip = torch.sigmoid(self.clip_logit)
+            if self.weight_spec.granularity == "group":
+                clip = clip[:, None, :]  # (out, 1, 1) against (out, groups, G)
+            elif self.weight_spec.granularity == "tensor":
+                clip = clip.max()
+        return fake_quant(w, self.weight_spec, clip, self.name)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_scale is not None:
+            return fake_quant_static(x, self.act_scale, self.act_spec)
+        return fake_quant(x, self.act_spec, name=self.name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xt = transform_input(x, self.smooth, self.rotation, self.perm)
+        y = F.linear(self.quantize_input(xt), self.quantized_weight().to(x.dtype), self.bias)
+        if self.lowrank_a is not None:
+            y = y + (xt @ self.lowrank_a.to(x.dtype)) @ self.lowrank_b.to(x.dtype)
+        return y
+
+    def freeze(self) -> None:
+        """Cache the fake-quantized weight (sampling calls forward thousands of times)."""
+        with torch.no_grad():
+            self._frozen_weight = None
+            self._frozen_weight = self.quantized_weight().detach()
+
+    def unfreeze(self) -> None:
+        self._frozen_weight = None
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.in_features}->{self.out_features}", f"W{self.weight_spec.bits}A{self.act_spec.bits}"]
+        parts += [p for p in ("smooth", "rotation", "perm", "lowrank_a", "act_scale") if getattr(self, p) is not None]
+        return ", ".join(parts)

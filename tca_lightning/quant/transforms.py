@@ -1,0 +1,108 @@
+"""Equivalence transforms of a linear layer's input, and their folds, as pure functions.
+
+For y = x W^T + b and an invertible T: y = (x T)(W T^-T)^T + b. The transforms used here:
+- smoothing (SmoothQuant, Xiao et al. 2023): T = diag(1/s), so x' = x / s and W' = W diag(s);
+- orthogonal rotation (QuaRot, Ashkboos et al. 2024; FlatQuant, Sun et al. 2024): T = R, R^-T = R;
+- permutation (RPTQ, Yuan et al. 2023): T = P, a permutation matrix (orthogonal);
+Every function here is exact in full precision; tests check each to 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def hadamard(n: int, *, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal Hadamard matrix of order n = 2^k * m by Sylvester's recursion on a small base.
+
+    The base for m > 1 is an orthonormal DCT-II matrix of order m (a real orthogonal matrix that,
+    like a Hadamard matrix, spreads every coordinate over all outputs), so any n works; n = 2^k
+    gives the classic +-1/sqrt(n) Hadamard matrix.
+    """
+    if n < 1:
+        raise ValueError(f"Hadamard order must be >= 1, got {n}")
+    k = (n & -n).bit_length() - 1  # largest power of two dividing n
+    m = n >> k
+    h = dct_matrix(m, dtype=torch.float64) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+    base = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2)
+    for _ in range(k):
+        h = torch.kron(base, h)
+    return h.to(dtype)
+
+
+def dct_matrix(n: int, *, dtype=torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix (rows are basis vectors)."""
+    i = torch.arange(n, dtype=torch.float64)
+    m = torch.cos(math.pi * (i[None, :] + 0.5) * i[:, None] / n) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m.to(dtype)
+
+
+def random_hadamard(n: int, seed: int = 0, *, dtype=torch.float32) -> torch.Tensor:
+    """diag(random signs) @ H: QuaRot's randomized Hadamard rotation (orthogonal)."""
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    return (signs[:, None] * hadamard(n, dtype=torch.float64)).to(dtype)
+
+
+def kron_factors(n: int) -> tuple[int, int]:
+    """(a, b) with a * b = n and a <= b as close as possible (FlatQuant's Kronecker split)."""
+    a = int(math.isqrt(n))
+    while n % a:
+        a -= 1
+    return a, n // a
+
+
+def apply_kron(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """x @ (left ⊗ right) without forming the n x n matrix: cost n (a + b) per row instead of n^2."""
+    a, b = left.shape[0], right.shape[0]
+    shape = x.shape
+    x = x.reshape(-1, a, b)
+    x = torch.matmul(torch.matmul(left.t().unsqueeze(0).expand(x.shape[0], -1, -1), x), right)
+    return x.reshape(shape)
+
+
+def smoothquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5,
+                       eps: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant's s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha), per input channel j."""
+    w_absmax = weight.abs().amax(0).clamp_min(eps)
+    s = act_absmax.clamp_min(eps).pow(alpha) / w_absmax.pow(1 - alpha)
+    return s.clamp_min(eps)
+
+
+def fold_input_transform(weight: torch.Tensor, smooth: torch.Tensor | None = None,
+                         rotation: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """W' such that transform_input(x) @ W'^T == x @ W^T (the order of :func:`transform_input`)."""
+    w = weight
+    if smooth is not None:
+        w = w * smooth
+    if rotation is not None:
+        w = w @ rotation.to(w.dtype)
+    if perm is not None:
+        w = w[:, perm]
+    return w
+
+
+def transform_input(x: torch.Tensor, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                    perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x' = ((x / s) R)[..., P]."""
+    if smooth is not None:
+        x = x / smooth
+    if rotation is not None:
+        x = x @ rotation.to(x.dtype)
+    if perm is not None:
+        x = x[..., perm]
+    return x
+
+
+def fold_output_scale(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor):
+    """Scale a linear's output channels: (W diag... ) rows * scale, bias * scale (for folds into a producer)."""
+    return weight * scale[:, None], None if bias is None else bias * scale
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(len(perm), device=perm.device)
+    return inv
