@@ -56,3 +56,20 @@ class SamplingDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader()
+
+
+def batch_condition(adapter, batch: dict, device=None):
+    """The model condition of a batch of ConditionDataset items: class labels (DiT) or captions (PixArt)."""
+    from tca_lightning.models.adapters import Condition
+
+    if adapter.kind == "dit":
+        return Condition(labels=torch.as_tensor(batch["label"], device=device))
+    return adapter.encode_captions(list(batch["caption"])).to(device)
+
+
+def condition_batch(num_samples: int, num_classes: int = 10, seed: int = 0, offset: int = 0) -> dict:
+    """Items ``offset .. offset + num_samples - 1`` of a ConditionDataset, collated into one batch."""
+    ds = ConditionDataset(offset + num_samples, num_classes, seed)
+    items = [ds[i] for i in range(offset, offset + num_samples)]
+    return {"index": torch.tensor([it["index"] for it in items]), "label": torch.tensor([it["label"] for it in items]),
+            "caption": [it["caption"] for it in items]}

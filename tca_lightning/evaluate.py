@@ -11,6 +11,7 @@ way to rank quantization methods.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -25,10 +26,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from tca_lightning.models.adapters import Condition, DiffusionAdapter, get_adapter
+from tca_lightning.data.conditions import batch_condition
+from tca_lightning.methods.base import QuantMethod
+from tca_lightning.models.adapters import DiffusionAdapter, get_adapter
 from tca_lightning.models.classifier import ClassifierLogits
 from tca_lightning.models.loading import load_classifier, load_model
 from tca_lightning.models.samplers import SamplerConfig, decode, sample
+from tca_lightning.ptq import CalibrationConfig, quantize_model
 
 REAL_SETS = ("mnist-heldout", "mnist-train")
 
@@ -172,6 +176,8 @@ class DiffusionEvaluator(L.LightningModule):
         kid_subset_size: int = 100,
         grid_samples: int = 100,
         vae: str | None = None,
+        quantization: QuantMethod | None = None,
+        calibration: CalibrationConfig = CalibrationConfig(),
     ):
         """
         Args:
@@ -186,6 +192,9 @@ class DiffusionEvaluator(L.LightningModule):
             kid_subset_size: KID subset size (capped by the number of samples).
             grid_samples: how many samples go into the PNG grid.
             vae: AutoencoderKL folder/hub id for latent models.
+            quantization: a method (tca_lightning.methods.*) to calibrate and apply before sampling;
+                the FP model then becomes the PSNR/MSE reference unless ``reference`` is given.
+            calibration: the calibration budget shared by all methods.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -200,6 +209,12 @@ class DiffusionEvaluator(L.LightningModule):
             ref = load_model(reference, seed=self.sampler.seed)
             self.reference_model = ref.transformer.requires_grad_(False)
             self.reference_captions = ref.caption_encoder
+        self.quantization = quantization
+        self.calibration = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)
+        self._quant_record: dict = {}
+        if quantization is not None and reference is None:
+            self.reference_model = copy.deepcopy(self.transformer)
+            self.reference_captions = self.caption_encoder
         self.metrics = ImageMetrics(load_classifier(classifier), kid_subset_size)
         self._grid: list[torch.Tensor] = []
         self._sampling_seconds = 0.0
@@ -208,15 +223,28 @@ class DiffusionEvaluator(L.LightningModule):
     def adapter(self) -> DiffusionAdapter:
         return get_adapter(self.transformer, self.caption_encoder)
 
-    def conditions(self, adapter: DiffusionAdapter, batch: dict) -> Condition:
-        if adapter.kind == "dit":
-            return Condition(labels=torch.as_tensor(batch["label"], device=self.device))
-        return adapter.encode_captions(batch["caption"])
-
     def generate(self, adapter: DiffusionAdapter, batch: dict) -> torch.Tensor:
-        x0 = sample(adapter, self.conditions(adapter, batch), batch["index"], self.sampler,
+        x0 = sample(adapter, batch_condition(adapter, batch, self.device), batch["index"], self.sampler,
                     self.scheduler_config, progress=False)
         return decode(x0, self.vae)
+
+    def setup(self, stage: str) -> None:
+        if self.quantization is None or self._quant_record:
+            return
+        record = quantize_model(self.adapter, self.quantization, self.sampler, self.calibration, self.hparams.model)
+        stats = record.pop("stats")
+        self._quant_record = record
+        if stats is not None and self.trainer is not None and self.trainer.is_global_zero:
+            from tca_lightning.callbacks.anomaly import pick_layers, write_anomaly_heatmaps
+
+            names = pick_layers([(n, self.quantization_roles.get(n, "")) for n in stats.absmax])
+            write_anomaly_heatmaps(stats.absmax, stats.timesteps, names,
+                                   Path(self.trainer.log_dir or ".") / "anomaly_heatmaps_fp.png",
+                                   title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger)
+
+    @property
+    def quantization_roles(self) -> dict[str, str]:
+        return {r.name: r.role for r in self.adapter.linears()}
 
     def on_test_start(self) -> None:
         self.metrics.reset()
@@ -242,10 +270,14 @@ class DiffusionEvaluator(L.LightningModule):
         results = self.metrics.compute(seed=self.sampler.seed)
         num_samples = int(self.trainer.strategy.reduce(torch.tensor(float(self.metrics.num_fake)), reduce_op="sum"))
         hp, sp = self.hparams, self.sampler
+        method, wbits, abits = hp.method, hp.wbits, hp.abits
+        if self.quantization is not None:
+            method, wbits, abits = self.quantization.name, self.quantization.recipe.wbits, self.quantization.recipe.abits
         record = {
-            "model": hp.model, "method": hp.method, "wbits": hp.wbits, "abits": hp.abits,
+            "model": hp.model, "method": method, "wbits": wbits, "abits": abits, **self._quant_record,
             "num_samples": num_samples, "steps": sp.num_steps, "scheduler": sp.scheduler,
-            "guidance_scale": sp.guidance_scale, "seed": sp.seed, "reference": hp.reference,
+            "guidance_scale": sp.guidance_scale, "seed": sp.seed,
+            "reference": hp.reference or ("fp" if self.quantization is not None else None),
             "real_images": hp.real_images, "feature_extractor": hp.classifier or "mnist-features",
             "sampling_seconds": round(self._sampling_seconds, 2), **results,
         }
