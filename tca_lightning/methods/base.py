@@ -87,6 +87,26 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def per_timestep_absmax(stats, name: str, in_features: int) -> torch.Tensor:
+    """``stats.absmax[name]`` as a float (T, in_features) tensor, or a ValueError saying what is missing.
+
+    Shared by every method that reads activation ranges.
+    """
+    if stats is None:
+        raise ValueError("calibration statistics are missing: pass the LinearStats of "
+                         "tca_lightning.data.calibration.collect_linear_stats to quantize()")
+    absmax = getattr(stats, "absmax", None)
+    if absmax is None or name not in absmax:
+        raise ValueError(f"calibration statistics have no absmax for {name}: collect them with "
+                         "collect_linear_stats(adapter, traj) over every quantizable linear (names=None)")
+    a = absmax[name]
+    if a.dim() != 2 or a.shape[1] != in_features:
+        raise ValueError(f"absmax of {name} must have shape (timesteps, {in_features}), got {tuple(a.shape)}")
+    if a.shape[0] < 1:
+        raise ValueError(f"absmax of {name} has no timesteps")
+    return a.float()
+
+
 class QuantMethod:
     """Base: round-to-nearest of the recipe's specs, nothing calibrated. Subclasses set parts."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from tca_lightning.methods.base import QuantMethod, QuantRecipe
+from tca_lightning.methods.base import QuantMethod, QuantRecipe, per_timestep_absmax
 from tca_lightning.quant.transforms import random_hadamard, smoothquant_scales
 
 
@@ -43,7 +43,8 @@ class SmoothQuant(QuantMethod):
         for group in adapter.shared_input_groups(list(qlinears)):
             if any(not qlinears[n].act_spec.enabled for n in group):
                 continue  # nothing to smooth for an FP input
-            act_absmax = stats.overall_absmax(group[0]).to(qlinears[group[0]].weight.device)
+            q0 = qlinears[group[0]]
+            act_absmax = per_timestep_absmax(stats, group[0], q0.in_features).amax(0).to(q0.weight.device)
             weight = torch.cat([qlinears[n].weight for n in group])
             s = smoothquant_scales(act_absmax, weight, self.alpha)
             for n in group:

@@ -33,7 +33,7 @@ class QuantLinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        for buffer in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b"):
+        for buffer in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b", "weight_q"):
             self.register_buffer(buffer, None)
         self.clip_logit: nn.Parameter | None = None  # learnable weight clipping (per output channel)
         self._frozen_weight: torch.Tensor | None = None
@@ -54,6 +54,18 @@ class QuantLinear(nn.Linear):
                                  f"{self.in_features} of {self.name}")
 
     # --- the parts methods set -----------------------------------------------------------
+    def set_specs(self, weight_spec: QuantSpec | None = None, act_spec: QuantSpec | None = None) -> None:
+        """Change the quantizers (e.g. a per-layer group size), validated against in_features."""
+        old = self.weight_spec, self.act_spec
+        self.weight_spec, self.act_spec = weight_spec or self.weight_spec, act_spec or self.act_spec
+        try:
+            self._check_groups()
+        except ValueError:
+            self.weight_spec, self.act_spec = old
+            raise
+        self.weight_q = None
+        self.unfreeze()
+
     def set_transform(self, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
                       perm: torch.Tensor | None = None) -> None:
         for name, value in (("smooth", smooth), ("rotation", rotation), ("perm", perm)):
@@ -62,11 +74,21 @@ class QuantLinear(nn.Linear):
                 if tuple(value.shape) != expected:
                     raise ValueError(f"{name} of {self.name} must have shape {expected}, got {tuple(value.shape)}")
                 setattr(self, name, value.detach().to(self.weight.device))
+        self.weight_q = None  # a new basis invalidates an installed quantized weight
         self.unfreeze()
+
+    def set_quantized_weight(self, weight_q: torch.Tensor) -> None:
+        """Install an already-quantized transformed weight (on the grid, e.g. GPTQ's): forward and
+        ``freeze`` use it as is instead of re-rounding ``weight`` (RTN would lose GPTQ's grid)."""
+        if tuple(weight_q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of {self.name} must have shape {(self.out_features, self.in_features)}")
+        self.unfreeze()
+        self.weight_q = weight_q.detach().to(self.weight.device)
 
     def set_lowrank(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """FP branch y += (x' a) b, a: (in, r), b: (r, out); the quantized weight carries the residual."""
         self.lowrank_a, self.lowrank_b = a.detach().to(self.weight.device), b.detach().to(self.weight.device)
+        self.weight_q = None
         self.unfreeze()
 
     def enable_weight_clipping(self, init_ratio: float = 1.0) -> nn.Parameter:
@@ -85,6 +107,8 @@ class QuantLinear(nn.Linear):
     def quantized_weight(self) -> torch.Tensor:
         if self._frozen_weight is not None:
             return self._frozen_weight
+        if self.weight_q is not None:
+            return self.weight_q
         w = self.transformed_weight()
         clip = None
         if self.clip_logit is not None:

@@ -85,6 +85,42 @@ def fold_input_transform(weight: torch.Tensor, smooth: torch.Tensor | None = Non
     return w
 
 
+def transform_gram(gram: torch.Tensor, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                   perm: torch.Tensor | None = None) -> torch.Tensor:
+    """X'^T X' from X^T X, for x' = transform_input(x, smooth, rotation, perm) = ((x / s) R)[..., P].
+
+    Written as a right multiplication x' = x T with T = diag(1/s) R Pi, where Pi selects columns
+    (Pi[perm[j], j] = 1), so X'^T X' = T^T (X^T X) T: divide rows and columns by s, conjugate by R,
+    then take rows and columns ``perm``. Computed in float64.
+    """
+    g = gram.double()
+    if smooth is not None:
+        inv = 1.0 / smooth.double()
+        g = g * inv[:, None] * inv[None, :]
+    if rotation is not None:
+        r = rotation.double()
+        g = r.t() @ g @ r
+    if perm is not None:
+        g = g[perm][:, perm]
+    return g
+
+
+def unfold_input_transform(weight_t: torch.Tensor, smooth: torch.Tensor | None = None,
+                           rotation: torch.Tensor | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of ``fold_input_transform``: W with fold_input_transform(W, s, R, P) == ``weight_t``.
+
+    Computed in float64 (R by a solve, so it need not be exactly orthogonal), returned in the input dtype.
+    """
+    w = weight_t.double()
+    if perm is not None:
+        w = w[:, invert_permutation(perm)]
+    if rotation is not None:
+        w = torch.linalg.solve(rotation.double().t(), w.t()).t()  # W R = M  <=>  R^T W^T = M^T
+    if smooth is not None:
+        w = w / smooth.double()
+    return w.to(weight_t.dtype)
+
+
 def transform_input(x: torch.Tensor, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
                     perm: torch.Tensor | None = None) -> torch.Tensor:
     """x' = ((x / s) R)[..., P]."""
