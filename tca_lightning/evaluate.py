@@ -12,6 +12,8 @@ way to rank quantization methods.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -88,6 +90,18 @@ def real_digits(split: str) -> torch.Tensor:
         raise ValueError(f"real_images must be one of {REAL_SETS} for the tiny models, got {split!r}")
     images, _ = load_digits("heldout" if split == "mnist-heldout" else "train")
     return (images + 1) / 2
+
+
+def weights_digest(*modules) -> str:
+    """A content hash of the modules' parameters and buffers (what a cached reference depends on)."""
+    h = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class ImageMetrics(torch.nn.Module):
@@ -176,6 +190,7 @@ class DiffusionEvaluator(L.LightningModule):
         kid_subset_size: int = 100,
         grid_samples: int = 100,
         vae: str | None = None,
+        reference_cache: str | None = "cache/reference",
         quantization: QuantMethod | None = None,
         calibration: CalibrationConfig = CalibrationConfig(),
     ):
@@ -192,6 +207,8 @@ class DiffusionEvaluator(L.LightningModule):
             kid_subset_size: KID subset size (capped by the number of samples).
             grid_samples: how many samples go into the PNG grid.
             vae: AutoencoderKL folder/hub id for latent models.
+            reference_cache: folder where the reference model's images are kept, keyed by its weights,
+                the sampler and the sample indices, so comparing many methods samples the FP model once.
             quantization: a method (tca_lightning.methods.*) to calibrate and apply before sampling;
                 the FP model then becomes the PSNR/MSE reference unless ``reference`` is given.
             calibration: the calibration budget shared by all methods.
@@ -258,13 +275,33 @@ class DiffusionEvaluator(L.LightningModule):
         start = time.perf_counter()
         images = self.generate(self.adapter, batch)
         self._sampling_seconds += time.perf_counter() - start
-        reference = None
-        if self.reference_model is not None:
-            reference = self.generate(get_adapter(self.reference_model, self.reference_captions), batch)
+        reference = self.reference_images(batch) if self.reference_model is not None else None
         self.metrics.update(images, batch["label"], reference)
         kept = sum(len(g) for g in self._grid)
         if kept < self.hparams.grid_samples:
             self._grid.append(images[: self.hparams.grid_samples - kept].cpu())
+
+    def reference_images(self, batch: dict) -> torch.Tensor:
+        cache = self.hparams.reference_cache
+        path = None
+        if cache is not None:
+            if not hasattr(self, "_reference_digest"):
+                self._reference_digest = weights_digest(self.reference_model, self.reference_captions)
+            key = hashlib.sha256(json.dumps({
+                "weights": self._reference_digest, "sampler": dataclasses.asdict(self.sampler),
+                "indices": [int(i) for i in batch["index"]], "captions": list(batch["caption"]),
+                "labels": [int(v) for v in batch["label"]], "vae": self.hparams.vae,
+            }, sort_keys=True).encode()).hexdigest()[:24]
+            path = Path(cache) / f"{key}.pt"
+            if path.is_file():
+                return torch.load(path, weights_only=True).to(self.device)
+        images = self.generate(get_adapter(self.reference_model, self.reference_captions), batch)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save(images.cpu(), tmp)
+            os.replace(tmp, path)
+        return images
 
     def on_test_epoch_end(self) -> None:
         results = self.metrics.compute(seed=self.sampler.seed)
