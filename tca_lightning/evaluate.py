@@ -92,6 +92,13 @@ def real_digits(split: str) -> torch.Tensor:
     return (images + 1) / 2
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def weights_digest(*modules) -> str:
     """A content hash of the modules' parameters and buffers (what a cached reference depends on)."""
     h = hashlib.sha256()
@@ -316,7 +323,7 @@ class DiffusionEvaluator(L.LightningModule):
             "guidance_scale": sp.guidance_scale, "seed": sp.seed,
             "reference": hp.reference or ("fp" if self.quantization is not None else None),
             "real_images": hp.real_images, "feature_extractor": hp.classifier or "mnist-features",
-            "sampling_seconds": round(self._sampling_seconds, 2), **results,
+            "sampling_seconds": round(self._sampling_seconds, 2), "peak_rss_mb": peak_rss_mb(), **results,
         }
         self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=False, rank_zero_only=True)
         if self.trainer.is_global_zero:
