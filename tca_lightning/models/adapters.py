@@ -158,15 +158,20 @@ def _detach(value):
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
+# Self-attention and MLP of a diffusers BasicTransformerBlock, the same in DiT and PixArt.
+_SELF_ATTN_MLP_ROLES = (
+    (r"transformer_blocks\.\d+\.attn1\.to_[qkv]", "qkv"),
+    (r"transformer_blocks\.\d+\.attn1\.to_out\.0", "attn_out"),
+    (r"transformer_blocks\.\d+\.ff\.net\.0\.proj", "fc1"),
+    (r"transformer_blocks\.\d+\.ff\.net\.2", "fc2"),
+)
+
+
 class DiTAdapter(DiffusionAdapter):
     """diffusers ``DiTTransformer2DModel`` (Peebles & Xie 2023): adaLN-Zero, class labels."""
 
     kind = "dit"
-    _roles = (
-        (r"transformer_blocks\.\d+\.attn1\.to_[qkv]", "qkv"),
-        (r"transformer_blocks\.\d+\.attn1\.to_out\.0", "attn_out"),
-        (r"transformer_blocks\.\d+\.ff\.net\.0\.proj", "fc1"),
-        (r"transformer_blocks\.\d+\.ff\.net\.2", "fc2"),
+    _roles = _SELF_ATTN_MLP_ROLES + (
         (r"transformer_blocks\.\d+\.norm1\.linear", "adaln"),
         (r"transformer_blocks\.\d+\.norm1\.emb\..*", "embedders"),
         (r"proj_out_[12]", "final"),
@@ -190,14 +195,10 @@ class PixArtAdapter(DiffusionAdapter):
     """diffusers ``PixArtTransformer2DModel`` (Chen et al. 2023, PixArt-alpha): adaLN-single, cross-attention."""
 
     kind = "pixart"
-    _roles = (
-        (r"transformer_blocks\.\d+\.attn1\.to_[qkv]", "qkv"),
-        (r"transformer_blocks\.\d+\.attn1\.to_out\.0", "attn_out"),
+    _roles = _SELF_ATTN_MLP_ROLES + (
         (r"transformer_blocks\.\d+\.attn2\.to_q", "cross_q"),
         (r"transformer_blocks\.\d+\.attn2\.to_[kv]", "cross_kv"),
         (r"transformer_blocks\.\d+\.attn2\.to_out\.0", "cross_out"),
-        (r"transformer_blocks\.\d+\.ff\.net\.0\.proj", "fc1"),
-        (r"transformer_blocks\.\d+\.ff\.net\.2", "fc2"),
         (r"adaln_single\.linear", "adaln"),
         (r"adaln_single\.emb\..*", "embedders"),
         (r"caption_projection\..*", "embedders"),
