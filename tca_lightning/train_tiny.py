@@ -25,7 +25,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 
 from tca_lightning.data.digits import digit_styles, load_digits
 from tca_lightning.models.captions import TinyCaptionEncoder, make_caption
@@ -224,15 +224,67 @@ class SnapshotEMA(L.Callback):
         print(f"[done] step {trainer.global_step}: EMA weights written to {self.out}", flush=True)
 
 
-def train_diffusion(kind: str, out: Path, minutes: float, batch_size: int, lr: float, seed: int, log_dir: str):
+def load_weights_into(module: TinyDiffusionTraining, folder: Path) -> None:
+    """Warm start from an exported model (e.g. to continue a run whose optimizer state is gone)."""
+    from tca_lightning.models.loading import load_model
+
+    loaded = load_model(str(folder))
+    state = loaded.transformer.state_dict()
+    if module.captions is None:
+        untie_dit_embedders(module.transformer)
+        module.transformer.load_state_dict(state)
+        tie_dit_embedders(module.transformer)
+    else:
+        module.transformer.load_state_dict(state)
+        module.captions.table.copy_(loaded.caption_encoder.table)
+
+
+@torch.no_grad()
+def debias_ema(kind: str, folder: Path, steps: int, decay: float = 0.999, seed: int = 0) -> float:
+    """Remove the initialization's share from a fixed-decay EMA export, in place (Adam-style bias correction).
+
+    AveragedModel's EMA starts as a copy of the first weights, so after ``steps`` updates it holds
+    decay^(steps-1) of them: ema = d^(n-1) theta_1 + (1 - d^(n-1)) avg. The initialization is
+    reproducible from the seed (theta_1 is one warm-up step of lr 5e-6 from it), so
+    avg = (ema - d^(n-1) theta_0) / (1 - d^(n-1)). Runs with WarmupEMA need no correction.
+    Returns the removed share d^(n-1).
+    """
+    from tca_lightning.models.loading import load_model
+
+    L.seed_everything(seed)
+    init = TinyDiffusionTraining(kind).transformer
+    if kind == "tiny-dit":
+        untie_dit_embedders(init)
+    share = decay ** (steps - 1)
+    loaded = load_model(str(folder))
+    init_state = init.state_dict()
+    state = {k: (v - share * init_state[k]) / (1 - share) if v.is_floating_point() else v
+             for k, v in loaded.transformer.state_dict().items()}
+    loaded.transformer.load_state_dict(state)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "tiny-dit":
+        loaded.transformer.save_pretrained(tmp, safe_serialization=True)
+    else:
+        loaded.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        loaded.caption_encoder.save_pretrained(tmp / "caption_encoder")
+    replace_dir(tmp, folder)
+    return share
+
+
+def train_diffusion(kind: str, out: Path, minutes: float, batch_size: int, lr: float, seed: int, log_dir: str,
+                    init_from: Path | None = None, ema_warmup: bool = True):
     L.seed_everything(seed)
     module = TinyDiffusionTraining(kind, lr=lr)
+    if init_from is not None:
+        load_weights_into(module, init_from)
     loader = torch.utils.data.DataLoader(DigitDataset(kind == "tiny-pixart", seed), batch_size=batch_size,
                                          shuffle=True, drop_last=True, num_workers=0)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_time={"minutes": minutes}, max_epochs=-1,
         logger=L.pytorch.loggers.TensorBoardLogger(log_dir, name=kind), log_every_n_steps=25,
-        callbacks=[WarmupEMA(decay=0.999), SnapshotEMA(out, every_minutes=15)],
+        callbacks=[WarmupEMA(decay=0.999) if ema_warmup else EMAWeightAveraging(decay=0.999),
+                   SnapshotEMA(out, every_minutes=15)],
         enable_checkpointing=False, gradient_clip_val=1.0,
     )
     trainer.fit(module, loader)
@@ -281,17 +333,28 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-dir", default="runs/train_tiny")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="warm start from an exported model folder (continue a finished run)")
+    parser.add_argument("--no-ema-warmup", action="store_true",
+                        help="fixed-decay EMA from the start (right when --init-from is already an EMA)")
+    parser.add_argument("--debias-ema-steps", type=int, default=None,
+                        help="only correct an existing fixed-decay EMA export made after this many steps, then exit")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or WEIGHTS / args.model
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    if args.debias_ema_steps is not None:
+        share = debias_ema(args.model, out, args.debias_ema_steps, seed=args.seed)
+        print(f"{args.model}: removed the initialization's {share:.4f} share from the EMA in {out}")
+        return
     if args.model == "mnist-features":
         acc = train_classifier(out, args.epochs, args.seed)
         print(f"mnist-features: held-out accuracy {acc:.4f} in {time.time() - start:.0f} s -> {out}")
     else:
-        train_diffusion(args.model, out, args.minutes, args.batch_size, args.lr, args.seed, args.log_dir)
+        train_diffusion(args.model, out, args.minutes, args.batch_size, args.lr, args.seed, args.log_dir,
+                        args.init_from, not args.no_ema_warmup)
         print(f"{args.model}: trained {time.time() - start:.0f} s -> {out}")
 
 
