@@ -167,3 +167,19 @@ def test_invalid_sampler_value_fails(repo_root, capsys, monkeypatch):
               "--print_config"])
     assert info.value.code not in (0, None)
     assert "num_steps" in capsys.readouterr().err
+
+
+def test_every_method_config_parses_on_both_models(repo_root, monkeypatch, capsys):
+    """configs/methods/*.yaml layered on each model config validate (--print_config, nothing runs)."""
+    from tca_lightning.cli import main
+
+    monkeypatch.chdir(repo_root)
+    methods = sorted((repo_root / "configs" / "methods").glob("*.yaml"))
+    assert len(methods) == 8
+    for model in ("configs/tiny_dit.yaml", "configs/tiny_pixart.yaml"):
+        for method in methods:
+            with pytest.raises(SystemExit) as exit_info:
+                main(["test", "--config", model, "--config", str(method.relative_to(repo_root)), "--print_config"])
+            assert exit_info.value.code in (0, None)
+            printed = capsys.readouterr().out
+            assert "class_path: tca_lightning.methods." in printed and "wbits: 4" in printed
