@@ -36,6 +36,7 @@ class QuantLinear(nn.Linear):
         for buffer in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b", "weight_q"):
             self.register_buffer(buffer, None)
         self.clip_logit: nn.Parameter | None = None  # learnable weight clipping (per output channel)
+        self.transform: nn.Module | None = None  # a learnable input transform (ARC), applied after smooth/rotation/perm
         self._frozen_weight: torch.Tensor | None = None
         self._check_groups()
 
@@ -85,6 +86,12 @@ class QuantLinear(nn.Linear):
         self.unfreeze()
         self.weight_q = weight_q.detach().to(self.weight.device)
 
+    def set_learnable_transform(self, transform: nn.Module) -> None:
+        """A module with ``forward(x)`` and ``fold_weight(w)`` (e.g. quant.learnable.KronTransform)."""
+        self.transform = transform
+        self.weight_q = None
+        self.unfreeze()
+
     def set_lowrank(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """FP branch y += (x' a) b, a: (in, r), b: (r, out); the quantized weight carries the residual."""
         self.lowrank_a, self.lowrank_b = a.detach().to(self.weight.device), b.detach().to(self.weight.device)
@@ -100,6 +107,8 @@ class QuantLinear(nn.Linear):
     # --- computation ---------------------------------------------------------------------
     def transformed_weight(self) -> torch.Tensor:
         w = fold_input_transform(self.weight, self.smooth, self.rotation, self.perm)
+        if self.transform is not None:
+            w = self.transform.fold_weight(w)
         if self.lowrank_a is not None:
             w = w - (self.lowrank_a @ self.lowrank_b).t()
         return w
@@ -126,6 +135,8 @@ class QuantLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt = transform_input(x, self.smooth, self.rotation, self.perm)
+        if self.transform is not None:
+            xt = self.transform(xt)
         y = F.linear(self.quantize_input(xt), self.quantized_weight().to(x.dtype), self.bias)
         if self.lowrank_a is not None:
             y = y + (xt @ self.lowrank_a.to(x.dtype)) @ self.lowrank_b.to(x.dtype)
