@@ -266,6 +266,13 @@ class DiffusionEvaluator(L.LightningModule):
                                    Path(self.trainer.log_dir or ".") / "anomaly_heatmaps_fp.png",
                                    title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger)
 
+    def record_overrides(self) -> dict:
+        """What metrics.json says about the quantization (method name and bits)."""
+        if self.quantization is None:
+            return {}
+        return {"method": self.quantization.name, "wbits": self.quantization.recipe.wbits,
+                "abits": self.quantization.recipe.abits}
+
     @property
     def quantization_roles(self) -> dict[str, str]:
         return {r.name: r.role for r in self.adapter.linears()}
@@ -314,14 +321,12 @@ class DiffusionEvaluator(L.LightningModule):
         results = self.metrics.compute(seed=self.sampler.seed)
         num_samples = int(self.trainer.strategy.reduce(torch.tensor(float(self.metrics.num_fake)), reduce_op="sum"))
         hp, sp = self.hparams, self.sampler
-        method, wbits, abits = hp.method, hp.wbits, hp.abits
-        if self.quantization is not None:
-            method, wbits, abits = self.quantization.name, self.quantization.recipe.wbits, self.quantization.recipe.abits
         record = {
-            "model": hp.model, "method": method, "wbits": wbits, "abits": abits, **self._quant_record,
+            "model": hp.model, "method": hp.method, "wbits": hp.wbits, "abits": hp.abits, **self.record_overrides(),
+            **self._quant_record,
             "num_samples": num_samples, "steps": sp.num_steps, "scheduler": sp.scheduler,
             "guidance_scale": sp.guidance_scale, "seed": sp.seed,
-            "reference": hp.reference or ("fp" if self.quantization is not None else None),
+            "reference": hp.reference or ("fp" if self.reference_model is not None else None),
             "real_images": hp.real_images, "feature_extractor": hp.classifier or "mnist-features",
             "sampling_seconds": round(self._sampling_seconds, 2), "peak_rss_mb": peak_rss_mb(), **results,
         }

@@ -1,0 +1,193 @@
+"""ARC — Anomaly-aware Rotation Calibration (TCA-DiT), as a LightningModule.
+
+Every quantized linear input X gets a learnable T = diag(1/s) (R_a ⊗ R_b) (one T per shared
+input: q/k/v share one), so that X T is easy to quantize while the weight absorbs T^-1 exactly
+(quant/learnable.py). All blocks are calibrated in parallel on FP inputs: each training step
+runs the frozen FP model once with hooks (every block's inputs and output), then each block's
+quantized copy on its own FP inputs, and sums
+
+    recon_b = ||Block_b^q(X_b) - Block_b(X_b)||^2 / ||Block_b(X_b) - X_b||^2   (weighted by ATG group weight)
+    align   = sum over transformed inputs of the spread across ATG groups of the normalized
+              per-channel magnitude profile of X T (anomaly channels pushed to the same place at
+              every timestep, so one static transform fits all)
+    loss    = mean_b recon_b + lambda_align * align
+
+The reconstruction is normalized by the block's residual update, not its output: a DiT block's
+output is mostly its input passed through, so ||Block(X)||^2 would make every block's relative
+error ~1e-4 and let the alignment term dominate (measured on tiny-dit); the update norm puts
+every block on the same scale. One optimizer over all transform parameters (and learnable weight clipping when enabled), so
+one ordinary ``Trainer.fit`` does it and DDP all-reduces the gradients for free. Rotations are
+initialized from a randomized Hadamard (or identity), scales from SmoothQuant's rule over all
+calibration timesteps. In this fake-quant stage every T is applied online; the finalize step
+folds s into the adaLN modulation / to_v and the per-head parts where exact (RGQ, export).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tca_lightning.evaluate import DiffusionEvaluator
+from tca_lightning.methods.base import QuantRecipe, wrap_linears
+from tca_lightning.models.adapters import Condition, get_adapter
+from tca_lightning.quant.learnable import KronTransform
+from tca_lightning.quant.transforms import smoothquant_scales
+
+ONLINE_ROLES = ("qkv", "attn_out", "fc1", "fc2", "cross_q", "cross_kv", "cross_out")
+
+
+@dataclass(frozen=True)
+class ARCConfig:
+    """What ARC learns and how."""
+
+    lr: float = 5e-3
+    """Learning rate of the transform parameters (AdamW)."""
+    lambda_align: float = 0.1
+    """Weight of the anomaly-alignment loss (0 disables it: ablation (a))."""
+    rotate: bool = True
+    """Learn Kronecker-factored rotations (False: scales only)."""
+    learn_rotation: bool = True
+    """False keeps the initial randomized Hadamard fixed (ablation (b))."""
+    scale: bool = True
+    """Learn per-channel scales (False: rotations only, ablation (c))."""
+    rotation_init: str = "hadamard"
+    """``hadamard`` (randomized) or ``identity``."""
+    smooth_alpha: float = 0.5
+    """SmoothQuant alpha of the scale initialization."""
+    weight_clipping: bool = False
+    """Learn per-output-channel weight clipping (OmniQuant LWC)."""
+    roles: tuple[str, ...] = ONLINE_ROLES
+    """Roles whose inputs get a transform."""
+    seed: int = 0
+    """Seed of the randomized Hadamard initialization."""
+
+
+class ARC(DiffusionEvaluator):
+    """TCA-DiT calibration (``fit``) and its evaluation (``test``) in one module."""
+
+    def __init__(self, model: str = "tiny-dit", recipe: QuantRecipe = QuantRecipe(wbits=4, abits=4), arc: ARCConfig = ARCConfig(),
+                 **evaluator_args):
+        """
+        Args:
+            model: embedded name (tiny-dit, tiny-pixart), local folder, hub id, or random:<arch>.
+            recipe: bits, granularities and per-role overrides (the same dataclass as the baselines').
+            arc: what ARC learns and how.
+            evaluator_args: everything DiffusionEvaluator takes (sampler, classifier, ...).
+        """
+        super().__init__(model=model, **evaluator_args)
+        self.recipe = recipe if isinstance(recipe, QuantRecipe) else QuantRecipe(**recipe)
+        self.arc = arc if isinstance(arc, ARCConfig) else ARCConfig(**arc)
+        self.reference_model = copy.deepcopy(self.transformer).requires_grad_(False)  # FP teacher and reference
+        self.reference_captions = self.caption_encoder
+        self.transforms = torch.nn.ModuleDict()
+        self._fit_start = None
+        self._built = False
+
+    # --- construction ----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self._built:
+            return
+        stats = getattr(getattr(self.trainer, "datamodule", None), "stats", None) if self._trainer else None
+        self.build(stats)
+
+    def build(self, stats=None) -> None:
+        """Wrap the linears and attach one learnable transform per shared input (scales from ``stats``)."""
+        adapter = self.adapter
+        self.qlinears = wrap_linears(adapter, self.recipe)
+        for i, group in enumerate(adapter.shared_input_groups(list(self.qlinears))):
+            first = self.qlinears[group[0]]
+            if first.role not in self.arc.roles or not first.act_spec.enabled:
+                continue
+            init_scale = None
+            if self.arc.scale and stats is not None and group[0] in stats.absmax:
+                weight = torch.cat([self.qlinears[n].weight for n in group])
+                init_scale = smoothquant_scales(stats.absmax[group[0]].amax(0), weight, self.arc.smooth_alpha)
+            transform = KronTransform(first.in_features, rotate=self.arc.rotate, scale=self.arc.scale,
+                                      init_scale=init_scale, init=self.arc.rotation_init, seed=self.arc.seed + i,
+                                      learnable_rotation=self.arc.learn_rotation)
+            self.transforms[group[0].replace(".", "__")] = transform
+            for n in group:
+                self.qlinears[n].set_learnable_transform(transform)
+        if self.arc.weight_clipping:
+            for q in self.qlinears.values():
+                if q.weight_spec.enabled:
+                    q.enable_weight_clipping(1.0 - 1e-3)
+        self._built = True
+
+    def configure_optimizers(self):
+        params = [p for p in self.transformer.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("ARC has nothing to learn: enable rotate/scale/weight_clipping or quantized roles")
+        return torch.optim.AdamW(params, lr=self.arc.lr, weight_decay=0.0)
+
+    # --- one calibration step ----------------------------------------------------------------
+    def _condition(self, batch: dict) -> Condition:
+        return Condition(labels=batch.get("labels"), tokens=batch.get("tokens"), mask=batch.get("mask"))
+
+    def training_step(self, batch: dict, batch_idx: int):
+        if self._fit_start is None:
+            self._fit_start = time.perf_counter()
+        fp = get_adapter(self.reference_model, self.reference_captions)
+        q = self.adapter
+        x, t, cond = batch["x"], batch["timestep"], self._condition(batch)
+        if self.sampler.guidance_scale > 1.0:  # inference runs both halves: calibrate on both
+            x, t = torch.cat([x, x]), torch.cat([t, t])
+            cond = cond.cat(q.null_condition(len(cond)).to(self.device))
+            weight, group = torch.cat([batch["weight"]] * 2), torch.cat([batch["group"]] * 2)
+        else:
+            weight, group = batch["weight"], batch["group"]
+        with torch.no_grad():
+            _, captured = fp.capture(x, t, cond)
+        profiles: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_hook(self._profile_hook(name, profiles)) for name, m in self.transforms.items()]
+        recon = []
+        try:
+            for i, block in enumerate(q.blocks()):
+                target, block_in = captured[i].output, captured[i].args[0]
+                out = q.run_block(i, captured[i], block)
+                update = (target - block_in).pow(2).flatten(1).sum(1).clamp_min(1e-12)
+                err = (out - target).pow(2).flatten(1).sum(1) / update
+                recon.append((err * weight).sum() / weight.sum())
+                self.log(f"recon/block{i}", recon[-1], on_step=True, on_epoch=False)
+        finally:
+            for h in handles:
+                h.remove()
+        recon_loss = torch.stack(recon).mean()
+        align_loss = self._alignment(profiles, group) if self.arc.lambda_align > 0 else recon_loss.new_zeros(())
+        loss = recon_loss + self.arc.lambda_align * align_loss
+        self.log_dict({"train/loss": loss, "train/recon": recon_loss, "train/align": align_loss}, prog_bar=True)
+        return loss
+
+    @staticmethod
+    def _profile_hook(name: str, profiles: dict):
+        def hook(module, args, output):
+            profiles[name] = output.abs().amax(dim=-2) if output.dim() == 3 else output.abs()
+        return hook
+
+    @staticmethod
+    def _alignment(profiles: dict[str, torch.Tensor], group: torch.Tensor) -> torch.Tensor:
+        """Spread across ATG groups of each transformed input's normalized channel-magnitude profile."""
+        groups = group.unique()
+        total = []
+        for p in profiles.values():
+            p = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            if len(groups) < 2:
+                continue
+            means = torch.stack([p[group == g].mean(0) for g in groups])
+            total.append((means - means.mean(0, keepdim=True)).pow(2).sum(1).mean())
+        return torch.stack(total).mean() if total else next(iter(profiles.values())).new_zeros(())
+
+    def on_fit_end(self) -> None:
+        if self._fit_start is not None:
+            self._quant_record = {"calib_seconds": round(time.perf_counter() - self._fit_start, 2),
+                                  "num_quantized_linears": len(self.qlinears), "num_transforms": len(self.transforms),
+                                  "max_orthogonality_error": max((t.orthogonality_error() for t in self.transforms.values()),
+                                                                 default=0.0)}
+        for qlinear in self.qlinears.values():
+            qlinear.freeze()
+
+    def record_overrides(self) -> dict:
+        return {"method": "tca-dit", "wbits": self.recipe.wbits, "abits": self.recipe.abits}
