@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 DEFAULT_ROLES = ("qkv", "attn_out", "fc1", "fc2", "cross_q", "cross_kv", "cross_out")
@@ -65,7 +66,45 @@ def write_anomaly_heatmaps(absmax: dict[str, torch.Tensor], timesteps: torch.Ten
     """Save the figure as PNG (atomically) and, given a TensorBoard logger, log it as a figure."""
     if not names:
         return None
-    fig = anomaly_figure(absmax, timesteps, names, title)
+    return write_figure(anomaly_figure(absmax, timesteps, names, title), path, logger, tag)
+
+
+def atg_cluster_figure(signatures: torch.Tensor, assignment: torch.Tensor, representatives: torch.Tensor,
+                       timesteps: torch.Tensor | None = None):
+    """ATG at a glance: signatures projected on their first two principal components, coloured by
+    group (representatives ringed), and the group of every sampler step along the trajectory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centered = signatures.float() - signatures.float().mean(0, keepdim=True)
+    _, _, v = torch.pca_lowrank(centered, q=min(2, *centered.shape), center=False)
+    xy = (centered @ v[:, :2]).numpy()
+    if xy.shape[1] == 1:
+        xy = np.concatenate([xy, np.zeros_like(xy)], axis=1)
+    fig, (ax, strip) = plt.subplots(2, 1, figsize=(6, 5), gridspec_kw={"height_ratios": [4, 1]})
+    groups = assignment.numpy()
+    ax.scatter(xy[:, 0], xy[:, 1], c=groups, cmap="tab10", s=18)
+    reps = representatives.numpy()
+    ax.scatter(xy[reps, 0], xy[reps, 1], facecolors="none", edgecolors="black", s=120, linewidths=1.5,
+               label="representative")
+    ax.set_xlabel("PC 1 of the anomaly signature", fontsize=8)
+    ax.set_ylabel("PC 2", fontsize=8)
+    ax.legend(fontsize=7)
+    ax.set_title(f"ATG: {len(signatures)} timesteps in {len(reps)} groups", fontsize=9)
+    strip.imshow(groups[None], aspect="auto", cmap="tab10", interpolation="nearest")
+    strip.set_yticks([])
+    strip.set_xlabel("sampler step" + ("" if timesteps is None else f" (t = {int(timesteps[0])} .. {int(timesteps[-1])})"),
+                     fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_figure(fig, path: str | os.PathLike, logger=None, tag: str = "figure"):
+    """Save a matplotlib figure as PNG atomically and, given a TensorBoard logger, log it too."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -74,7 +113,5 @@ def write_anomaly_heatmaps(absmax: dict[str, torch.Tensor], timesteps: torch.Ten
     experiment = getattr(logger, "experiment", None)
     if hasattr(experiment, "add_figure"):
         experiment.add_figure(tag, fig)
-    import matplotlib.pyplot as plt
-
     plt.close(fig)
     return path

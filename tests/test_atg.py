@@ -51,3 +51,12 @@ def test_bad_selections_are_clear_errors(mode, k, message):
 def test_k_larger_than_t_is_an_error():
     with pytest.raises(ValueError, match="K=40 for T=30"):
         group_timesteps(anomaly_signatures(_profiles()), k=40)
+
+
+def test_atg_cluster_figure_is_written(tmp_path):
+    from tca_lightning.callbacks.anomaly import atg_cluster_figure, write_figure
+
+    sig = anomaly_signatures(_profiles())
+    groups = group_timesteps(sig, k=3)
+    path = write_figure(atg_cluster_figure(sig, groups.assignment, groups.representatives), tmp_path / "atg.png")
+    assert path.is_file() and path.stat().st_size > 1000 and [p.name for p in tmp_path.iterdir()] == ["atg.png"]
