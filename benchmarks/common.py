@@ -8,6 +8,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +30,14 @@ def now() -> str:
 
 def run_cli(model: str, overrides: list[str], save_dir: Path) -> tuple[dict, str]:
     """``python -m tca_lightning test`` on a model's config plus overrides; returns (metrics.json, command)."""
-    args = ["test", "--config", CONFIGS[model], "--trainer.logger.init_args.save_dir", str(save_dir),
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{model}-", dir=save_dir.mkdir(parents=True, exist_ok=True) or save_dir))
+    args = ["test", "--config", CONFIGS[model], "--trainer.logger.init_args.save_dir", str(run_dir),
             "--trainer.enable_progress_bar", "false", *overrides]
-    command = "python -m tca_lightning " + " ".join(args)
-    before = set(save_dir.glob("*/version_*"))
+    command = "python -m tca_lightning " + " ".join(a for a in args if a != str(run_dir)).replace(
+        "--trainer.logger.init_args.save_dir ", "")
     subprocess.run([sys.executable, "-m", "tca_lightning", *args], cwd=ROOT, check=True)
-    new = sorted(set(save_dir.glob("*/version_*")) - before, key=lambda p: p.stat().st_mtime)
-    return json.loads((new[-1] / "metrics.json").read_text()), command
+    (metrics,) = run_dir.glob("*/version_*/metrics.json")  # a private folder per run: parallel runs cannot mix
+    return json.loads(metrics.read_text()), command
 
 
 def write_tables(name: str, title: str, header: dict, rows: list[dict], columns: tuple[str, ...],
