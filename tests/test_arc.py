@@ -19,7 +19,7 @@ def _fit(tmp_path, epochs=2, **arc):
     module = ARC(model="random:tiny-dit", recipe=RECIPE, arc=ARCConfig(**arc), sampler=sampler, reference_cache=None)
     data = ATGDataModule(model="random:tiny-dit", sampler=sampler, num_conditions=4, k=2, batch_size=4,
                          cache_dir=str(tmp_path))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, log_every_n_steps=1)
     trainer.fit(module, data)
     return module, trainer
