@@ -68,8 +68,7 @@ def cached_trajectories(adapter: DiffusionAdapter, cond: Condition, indices, sam
         "model": model_name, "sampler": asdict(sampler), "indices": [int(i) for i in indices],
         "cond": {k: None if v is None else hashlib.sha256(v.cpu().numpy().tobytes()).hexdigest()
                  for k, v in asdict(cond).items()},
-        "weights": hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()[:4096]
-                                           for p in adapter.transformer.parameters())).hexdigest(),
+        "weights": weights_digest(adapter.transformer, adapter.caption_encoder),
     }, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"trajectories-{key}.pt"
     if path.is_file():
@@ -77,6 +76,18 @@ def cached_trajectories(adapter: DiffusionAdapter, cond: Condition, indices, sam
     traj = generate_trajectories(adapter, cond, indices, sampler)
     traj.save(path)
     return traj
+
+
+def weights_digest(*modules) -> str:
+    """A content hash of the modules' parameters and buffers (what a cached reference depends on)."""
+    h = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -88,9 +99,6 @@ class LinearStats:
     absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     gram: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
-
-    def overall_absmax(self, name: str) -> torch.Tensor:
-        return self.absmax[name].amax(0)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from tca_lightning.data.calibration import weights_digest
 from tca_lightning.data.conditions import batch_condition
 from tca_lightning.methods.base import QuantMethod
 from tca_lightning.models.adapters import DiffusionAdapter, get_adapter
@@ -97,18 +98,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def weights_digest(*modules) -> str:
-    """A content hash of the modules' parameters and buffers (what a cached reference depends on)."""
-    h = hashlib.sha256()
-    for module in modules:
-        if module is None:
-            continue
-        for name, tensor in sorted(module.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class ImageMetrics(torch.nn.Module):

@@ -137,20 +137,27 @@ class TinyDiffusionTraining(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
 
     def export(self, out: Path) -> None:
-        """save_pretrained into ``out`` atomically (a temp dir renamed over it)."""
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        """save_pretrained into ``out`` atomically (a temp dir swapped in)."""
         transformer = self.transformer
         if self.captions is None:
             import copy
 
             transformer = copy.deepcopy(transformer)
             untie_dit_embedders(transformer)  # diffusers' layout: one (equal) embedder per block
-            transformer.save_pretrained(tmp, safe_serialization=True)
-        else:
-            transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-            self.captions.save_pretrained(tmp / "caption_encoder")
-        replace_dir(tmp, out)
+        save_model_folder(transformer, self.captions, out)
+
+
+def save_model_folder(transformer, captions, out: Path) -> None:
+    """The shipped layout, written to a temp folder and swapped in: a bare transformer folder (tiny-dit)
+    or transformer/ + caption_encoder/ (tiny-pixart)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if captions is None:
+        transformer.save_pretrained(tmp, safe_serialization=True)
+    else:
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        captions.save_pretrained(tmp / "caption_encoder")
+    replace_dir(tmp, out)
 
 
 def replace_dir(new: Path, out: Path) -> None:
@@ -261,14 +268,7 @@ def debias_ema(kind: str, folder: Path, steps: int, decay: float = 0.999, seed: 
     state = {k: (v - share * init_state[k]) / (1 - share) if v.is_floating_point() else v
              for k, v in loaded.transformer.state_dict().items()}
     loaded.transformer.load_state_dict(state)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if kind == "tiny-dit":
-        loaded.transformer.save_pretrained(tmp, safe_serialization=True)
-    else:
-        loaded.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-        loaded.caption_encoder.save_pretrained(tmp / "caption_encoder")
-    replace_dir(tmp, folder)
+    save_model_folder(loaded.transformer, loaded.caption_encoder if kind == "tiny-pixart" else None, folder)
     return share
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from tca_lightning.methods.base import QuantMethod, QuantRecipe
+from tca_lightning.methods.base import QuantMethod, QuantRecipe, per_timestep_absmax
 from tca_lightning.quant.linear import QuantLinear
 from tca_lightning.quant.transforms import fold_input_transform, smoothquant_scales
 
@@ -93,12 +93,10 @@ class SVDQuant(QuantMethod):
         for group in adapter.shared_input_groups(list(qlinears)):
             smooth = None
             if all(qlinears[n].act_spec.enabled for n in group):
-                if group[0] not in stats.absmax:
-                    raise ValueError(f"SVDQuant needs the input absmax of {group[0]}, and the statistics have "
-                                     "none: collect them with collect_linear_stats over this model's linears")
                 device = qlinears[group[0]].weight.device
                 weight = torch.cat([qlinears[n].weight for n in group])
-                smooth = smoothquant_scales(stats.overall_absmax(group[0]).to(device), weight, self.alpha)
+                act = per_timestep_absmax(stats, group[0], weight.shape[1]).amax(0)
+                smooth = smoothquant_scales(act.to(device), weight, self.alpha)
             for n in group:
                 q = qlinears[n]
                 if q.weight_spec.enabled:
