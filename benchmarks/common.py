@@ -4,40 +4,102 @@ from __future__ import annotations
 
 import csv
 import datetime
+import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"tiny-dit": "configs/tiny_dit.yaml", "tiny-pixart": "configs/tiny_pixart.yaml"}
 
 
-def machine() -> str:
+def machine(threads: int | None = None) -> str:
+    """CPU model, threads per run, library versions."""
     import torch
 
+    threads = threads or torch.get_num_threads()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
+    return f"{cpu}, {threads} threads per run, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def run_cli(model: str, overrides: list[str], save_dir: Path) -> tuple[dict, str]:
+def cli_args(model: str, overrides: list[str]) -> tuple[list[str], str]:
+    """(arguments for ``python -m tca_lightning``, the command as a user would type it)."""
+    args = ["test", "--config", CONFIGS[model], "--trainer.enable_progress_bar", "false", *overrides]
+    return args, "python -m tca_lightning " + " ".join(args)
+
+
+def run_cli(model: str, overrides: list[str], save_dir: Path, env: dict | None = None) -> tuple[dict, str]:
     """``python -m tca_lightning test`` on a model's config plus overrides; returns (metrics.json, command)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{model}-", dir=save_dir.mkdir(parents=True, exist_ok=True) or save_dir))
-    args = ["test", "--config", CONFIGS[model], "--trainer.logger.init_args.save_dir", str(run_dir),
-            "--trainer.enable_progress_bar", "false", *overrides]
-    command = "python -m tca_lightning " + " ".join(a for a in args if a != str(run_dir)).replace(
-        "--trainer.logger.init_args.save_dir ", "")
-    subprocess.run([sys.executable, "-m", "tca_lightning", *args], cwd=ROOT, check=True)
+    args, command = cli_args(model, overrides)
+    subprocess.run([sys.executable, "-m", "tca_lightning", *args, "--trainer.logger.init_args.save_dir", str(run_dir)],
+                   cwd=ROOT, check=True, env=env)
     (metrics,) = run_dir.glob("*/version_*/metrics.json")  # a private folder per run: parallel runs cannot mix
     return json.loads(metrics.read_text()), command
+
+
+def weights_fingerprint(model: str) -> str:
+    """Hash of an embedded model's shipped files, so finished runs are redone when the weights change."""
+    folder = ROOT / "tca_lightning" / "weights" / model
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def threads_per_job(jobs: int) -> int:
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def run_many(runs: list[tuple[str, list[str], dict]], save_dir: Path, jobs: int = 1,
+             on_done: Callable[[list[dict]], None] | None = None, fresh: bool = False) -> list[dict]:
+    """Runs (model, overrides, extra row fields) ``jobs`` at a time, each on cpu_count/jobs threads.
+
+    A finished run's row is kept in ``save_dir/done/<key>.json`` (key: model weights, overrides) and
+    not run again, so a multi-hour table resumes after an interruption (``fresh`` ignores them; so
+    should anyone who changed a method's code). ``on_done`` gets the rows
+    finished so far (in ``runs`` order) after each run, to write partial tables.
+    """
+    done_dir = save_dir / "done"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_job(jobs))}
+    rows: dict[int, dict] = {}
+
+    def key(model: str, overrides: list[str]) -> str:
+        blob = json.dumps([model, weights_fingerprint(model) if model in CONFIGS else "", overrides])
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def one(model: str, overrides: list[str], extra: dict) -> dict:
+        path = done_dir / f"{key(model, overrides)}.json"
+        if path.is_file() and not fresh:
+            return json.loads(path.read_text())
+        metrics, command = run_cli(model, overrides, save_dir, env)
+        row = {**metrics, **extra, "command": command}
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(row, indent=2))
+        os.replace(tmp, path)
+        return row
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(one, *run): i for i, run in enumerate(runs)}
+        for future in as_completed(futures):
+            rows[futures[future]] = future.result()
+            if on_done is not None:
+                on_done([rows[i] for i in sorted(rows)])
+    return [rows[i] for i in range(len(runs))]
 
 
 def write_tables(name: str, title: str, header: dict, rows: list[dict], columns: tuple[str, ...],

@@ -4,6 +4,7 @@
     python benchmarks/fp_eval.py --quick               # 100 samples, same steps
     python benchmarks/fp_eval.py --guidance 1 1.5 2 3  # a guidance sweep (one row per scale)
     python benchmarks/fp_eval.py --seeds 0 1 2         # seed-to-seed spread of every metric
+    python benchmarks/fp_eval.py --jobs 2              # two runs side by side
 
 Each row is one ``python -m tca_lightning test`` run (the README's main job); the table records
 the exact command, the machine and the library versions next to the numbers.
@@ -15,7 +16,7 @@ import argparse
 import sys
 import time
 
-from common import CONFIGS, ROOT, machine, now, run_cli, write_tables
+from common import CONFIGS, ROOT, machine, now, run_many, threads_per_job, write_tables
 
 COLUMNS = ("model", "scheduler", "steps", "guidance_scale", "seed", "num_samples", "fid", "kid", "is", "cond_acc",
            "sampling_seconds")
@@ -29,11 +30,12 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="100 samples")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cpu_count/jobs threads")
     parser.add_argument("--name", default=None, help="results file stem (default fp_eval / fp_eval_quick)")
     args = parser.parse_args()
     num_samples = 100 if args.quick else args.num_samples
     name = args.name or ("fp_eval_quick" if args.quick else "fp_eval")
-    rows, start = [], time.time()
+    runs, start = [], time.time()
     for model in args.models:
         for guidance in args.guidance or [None]:
             for seed in args.seeds:
@@ -42,13 +44,13 @@ def main() -> None:
                              "--model.init_args.sampler.seed", str(seed)]
                 if guidance is not None:
                     overrides += ["--model.init_args.sampler.guidance_scale", str(guidance)]
-                metrics, command = run_cli(model, overrides, ROOT / "runs" / "benchmarks")
-                rows.append({**metrics, "model": model, "command": command})
-    header = {"date": now(), "machine": machine(), "invocation": "python benchmarks/fp_eval.py " + " ".join(sys.argv[1:]),
+                runs.append((model, overrides, {}))
+    rows = run_many(runs, ROOT / "runs" / "benchmarks", args.jobs, fresh=True)
+    header = {"date": now(), "machine": machine(threads_per_job(args.jobs)), "invocation": "python benchmarks/fp_eval.py " + " ".join(sys.argv[1:]),
               "wall_seconds": round(time.time() - start, 1)}
     notes = ["FID/KID on mnist-features' 128-d penultimate features vs the 500 held-out real digits (mnist-heldout); "
              "IS on its class probabilities; cond_acc = share of samples the classifier assigns to the requested digit",
-             f"wall time of the whole script: {header['wall_seconds']} s"]
+             f"wall time of the whole script: {header['wall_seconds']} s ({args.jobs} runs side by side)"]
     print(write_tables(name, "FP evaluation of the embedded tiny models", header, rows, COLUMNS, notes))
 
 

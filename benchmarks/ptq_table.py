@@ -2,6 +2,7 @@
 
     python benchmarks/ptq_table.py            # full: 1,000 samples, 50 steps, calibration 64 x 25
     python benchmarks/ptq_table.py --quick    # 64 samples, 20 steps, calibration 16 x 10, W4A4 only
+    python benchmarks/ptq_table.py --jobs 2   # two runs side by side; rerun the same command to resume
 
 Same seeds and noise for every row (sample i uses noise seed i), same recipe (bits, group size,
 per-role overrides), same calibration budget. psnr_vs_fp compares with the FP model's images
@@ -15,7 +16,7 @@ import argparse
 import sys
 import time
 
-from common import CONFIGS, ROOT, machine, now, run_cli, write_tables
+from common import CONFIGS, ROOT, machine, now, run_many, threads_per_job, write_tables
 
 METHODS = {
     "rtn": "tca_lightning.methods.RTN",
@@ -38,39 +39,56 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--bits", nargs="+", default=None, choices=list(BITS))
     parser.add_argument("--group-size", type=int, default=32, help="weights and activations, every method")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cpu_count/jobs threads")
+    parser.add_argument("--fresh", action="store_true", help="rerun rows already finished in runs/ptq_table*/done")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     samples, steps, calib_n, calib_t = (64, 20, 16, 10) if args.quick else (1000, 50, 64, 25)
-    bits = args.bits or (["W4A4"] if args.quick else list(BITS))
+    bits = args.bits or (["W4A4"] if args.quick else ["W4A4", "W4A8", "W8A8"])  # the separating setting first
     common = ["--data.init_args.num_samples", str(samples), "--model.init_args.sampler.num_steps", str(steps)]
     calib = ["--model.init_args.calibration.num_conditions", str(calib_n),
              "--model.init_args.calibration.num_steps", str(calib_t)]
-    rows, start = [], time.time()
-    save_dir = ROOT / "runs" / ("ptq_table_quick" if args.quick else "ptq_table")
-    for model in args.models:
-        metrics, command = run_cli(model, common, save_dir)
-        rows.append({**metrics, "method": "fp", "command": command})
-        for tag in bits:
-            wbits, abits = BITS[tag]
+    name = "ptq_table_quick" if args.quick else "ptq_table"
+    save_dir = ROOT / "runs" / name
+    fp_runs = [(model, common, {"method": "fp"}) for model in args.models]
+    quant_runs = []
+    for tag in bits:
+        wbits, abits = BITS[tag]
+        for model in args.models:
             for method in args.methods:
                 recipe = [f"--model.init_args.quantization.recipe.{k}={v}" for k, v in (
                     ("wbits", wbits), ("abits", abits), ("weight_granularity", "group"),
                     ("act_granularity", "group"), ("group_size", args.group_size))]
-                overrides = common + calib + ["--model.init_args.quantization", METHODS[method]] + recipe
-                metrics, command = run_cli(model, overrides, save_dir)
-                rows.append({**metrics, "command": command})
-                print(f"[{time.time() - start:7.0f}s] {model} {method} {tag}: psnr_vs_fp "
-                      f"{metrics.get('psnr_vs_fp')} fid {metrics['fid']:.3g} cond_acc {metrics['cond_acc']:.3f}",
-                      flush=True)
-    name = "ptq_table_quick" if args.quick else "ptq_table"
-    header = {"date": now(), "machine": machine(), "invocation": "python benchmarks/ptq_table.py " + " ".join(sys.argv[1:]),
-              "wall_seconds": round(time.time() - start, 1)}
-    notes = [f"{samples} samples, {steps} sampler steps; calibration {calib_n} conditions x {calib_t} steps; "
-             f"weights and activations quantized per group of {args.group_size} (activations dynamic per token)",
-             "embedders and final layer kept at W8A8 for every method (DEFAULT_ROLE_OVERRIDES), as DiT PTQ papers do",
-             "FID/KID vs the 500 held-out real digits on mnist-features; psnr/mse vs the FP model on identical noise",
-             f"wall time of the whole script: {header['wall_seconds']} s"]
-    print(write_tables(name, "DiT PTQ baselines on the tiny models", header, rows, COLUMNS, notes))
+                quant_runs.append((model, common + calib + ["--model.init_args.quantization", METHODS[method]] + recipe, {}))
+    start = time.time()
+    header = {"date": now(), "machine": machine(threads_per_job(args.jobs)),
+              "invocation": "python benchmarks/ptq_table.py " + " ".join(sys.argv[1:])}
+    total = len(fp_runs) + len(quant_runs)
+
+    def write(rows: list[dict], fp_rows: list[dict] = ()) -> str:
+        rows = sorted([*fp_rows, *rows], key=lambda r: (r["model"], r["method"] != "fp", -r["wbits"], -r["abits"]))
+        wall = round(time.time() - start, 1)
+        notes = [f"{samples} samples, {steps} sampler steps; calibration {calib_n} conditions x {calib_t} steps; "
+                 f"weights and activations quantized per group of {args.group_size} (activations dynamic per token)",
+                 "embedders and final layer kept at W8A8 for every method (DEFAULT_ROLE_OVERRIDES), as DiT PTQ papers do",
+                 "FID/KID vs the 500 held-out real digits on mnist-features; psnr/mse vs the FP model on identical noise",
+                 f"{len(rows)} of {total} runs finished" + ("" if len(rows) == total else " (partial table: rerun the "
+                                                            "same command to resume)"),
+                 f"wall time of this invocation: {wall} s ({args.jobs} runs side by side)"]
+        return write_tables(name, "DiT PTQ baselines on the tiny models", {**header, "wall_seconds": wall}, rows,
+                            COLUMNS, notes)
+
+    fp_rows = run_many(fp_runs, save_dir, args.jobs, on_done=write, fresh=args.fresh)  # fills the reference cache
+
+    def progress(rows: list[dict]) -> None:
+        last = rows[-1]
+        print(f"[{time.time() - start:7.0f}s] {len(rows)}/{len(quant_runs)} {last['model']} {last['method']} "
+              f"W{last['wbits']}A{last['abits']}: psnr_vs_fp {last.get('psnr_vs_fp')} fid {last['fid']:.3g} "
+              f"cond_acc {last['cond_acc']:.3f}", flush=True)
+        write(rows, fp_rows)
+
+    rows = run_many(quant_runs, save_dir, args.jobs, on_done=progress, fresh=args.fresh)
+    print(write(rows, fp_rows))
 
 
 if __name__ == "__main__":

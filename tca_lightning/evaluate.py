@@ -279,31 +279,42 @@ class DiffusionEvaluator(L.LightningModule):
         images = self.generate(self.adapter, batch)
         self._sampling_seconds += time.perf_counter() - start
         reference = self.reference_images(batch) if self.reference_model is not None else None
+        if self.quantization is None and self.reference_model is None:
+            self.store_reference(self.transformer, self.caption_encoder, batch, images)  # later PTQ runs reuse them
         self.metrics.update(images, batch["label"], reference)
         kept = sum(len(g) for g in self._grid)
         if kept < self.hparams.grid_samples:
             self._grid.append(images[: self.hparams.grid_samples - kept].cpu())
 
+    def reference_path(self, model: torch.nn.Module, captions, batch: dict) -> Path | None:
+        """Where a model's images for this batch live in ``reference_cache``, keyed by weights, sampler and noise."""
+        if self.hparams.reference_cache is None:
+            return None
+        digests = self.__dict__.setdefault("_digests", {})
+        if id(model) not in digests:
+            digests[id(model)] = weights_digest(model, captions)
+        key = hashlib.sha256(json.dumps({
+            "weights": digests[id(model)], "sampler": dataclasses.asdict(self.sampler),
+            "indices": [int(i) for i in batch["index"]], "captions": list(batch["caption"]),
+            "labels": [int(v) for v in batch["label"]], "vae": self.hparams.vae,
+        }, sort_keys=True).encode()).hexdigest()[:24]
+        return Path(self.hparams.reference_cache) / f"{key}.pt"
+
+    def store_reference(self, model: torch.nn.Module, captions, batch: dict, images: torch.Tensor) -> None:
+        path = self.reference_path(model, captions, batch)
+        if path is None or path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(images.cpu(), tmp)
+        os.replace(tmp, path)
+
     def reference_images(self, batch: dict) -> torch.Tensor:
-        cache = self.hparams.reference_cache
-        path = None
-        if cache is not None:
-            if not hasattr(self, "_reference_digest"):
-                self._reference_digest = weights_digest(self.reference_model, self.reference_captions)
-            key = hashlib.sha256(json.dumps({
-                "weights": self._reference_digest, "sampler": dataclasses.asdict(self.sampler),
-                "indices": [int(i) for i in batch["index"]], "captions": list(batch["caption"]),
-                "labels": [int(v) for v in batch["label"]], "vae": self.hparams.vae,
-            }, sort_keys=True).encode()).hexdigest()[:24]
-            path = Path(cache) / f"{key}.pt"
-            if path.is_file():
-                return torch.load(path, weights_only=True).to(self.device)
+        path = self.reference_path(self.reference_model, self.reference_captions, batch)
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=True).to(self.device)
         images = self.generate(get_adapter(self.reference_model, self.reference_captions), batch)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save(images.cpu(), tmp)
-            os.replace(tmp, path)
+        self.store_reference(self.reference_model, self.reference_captions, batch, images)
         return images
 
     def on_test_epoch_end(self) -> None:

@@ -38,3 +38,21 @@ def test_unknown_method_is_a_clear_cli_error(tmp_path, repo_root, monkeypatch, c
         main(["test", "--config", "configs/tiny_dit.yaml", "--config", "configs/smoke.yaml",
               "--model.init_args.quantization", "tca_lightning.methods.NoSuchMethod"])
     assert "NoSuchMethod" in capsys.readouterr().err
+
+
+def test_fp_run_fills_the_reference_cache_that_ptq_runs_reuse(tmp_path, repo_root, monkeypatch):
+    """The FP row of a table samples the FP images once; every quantized row compares against those."""
+    monkeypatch.chdir(repo_root)
+    common = ["test", "--config", "configs/tiny_dit.yaml", "--config", "configs/smoke.yaml",
+              "--model.init_args.model", "random:tiny-dit", "--model.init_args.reference_cache", str(tmp_path / "ref")]
+    main(common + ["--trainer.logger.init_args.save_dir", str(tmp_path / "fp")])
+    cached = sorted((tmp_path / "ref").glob("*.pt"))
+    assert len(cached) == 2  # smoke: 20 samples in batches of 10
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    main(common + ["--trainer.logger.init_args.save_dir", str(tmp_path / "q"),
+                   "--model.init_args.quantization", "tca_lightning.methods.RTN",
+                   "--model.init_args.quantization.recipe.wbits=8", "--model.init_args.quantization.recipe.abits=8"])
+    assert sorted((tmp_path / "ref").glob("*.pt")) == cached
+    assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not re-sampled
+    (metrics_file,) = (tmp_path / "q").glob("*/version_*/metrics.json")
+    assert json.loads(metrics_file.read_text())["psnr_vs_fp"] > 20  # W8A8 RTN stays close to the cached FP images

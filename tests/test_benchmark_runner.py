@@ -1,0 +1,55 @@
+"""benchmarks/common.run_many: the multi-hour tables resume instead of starting over."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+
+import pytest
+
+
+@pytest.fixture
+def common(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_common", repo_root / "benchmarks" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    calls, lock = [], threading.Lock()
+
+    def fake_run_cli(model, overrides, save_dir, env=None):
+        with lock:
+            calls.append((model, tuple(overrides), env["OMP_NUM_THREADS"]))
+        return {"model": model, "value": len(overrides)}, "python -m tca_lightning test " + " ".join(overrides)
+
+    monkeypatch.setattr(module, "run_cli", fake_run_cli)
+    module.calls = calls
+    return module
+
+
+RUNS = [("tiny-dit", ["--a", "1"], {"method": "fp"}), ("tiny-dit", ["--a", "2"], {}), ("tiny-pixart", ["--b"], {})]
+
+
+def test_rows_come_back_in_run_order_with_their_extra_fields(common, tmp_path):
+    seen = []
+    rows = common.run_many(RUNS, tmp_path, jobs=2, on_done=lambda partial: seen.append(len(partial)))
+    assert [r["value"] for r in rows] == [2, 2, 1] and rows[0]["method"] == "fp" and "method" not in rows[1]
+    assert seen == [1, 2, 3]
+    assert len(common.calls) == 3 and {c[2] for c in common.calls} == {str(common.threads_per_job(2))}
+
+
+def test_finished_runs_are_not_run_again_unless_fresh(common, tmp_path):
+    common.run_many(RUNS, tmp_path)
+    assert len(common.calls) == 3
+    rows = common.run_many(RUNS, tmp_path)
+    assert len(common.calls) == 3 and [r["value"] for r in rows] == [2, 2, 1]
+    common.run_many(RUNS[:1], tmp_path, fresh=True)
+    assert len(common.calls) == 4
+    assert all(json.loads(p.read_text())["command"].startswith("python -m") for p in (tmp_path / "done").glob("*.json"))
+
+
+def test_changed_weights_invalidate_finished_runs(common, tmp_path, monkeypatch):
+    common.run_many(RUNS[:1], tmp_path)
+    monkeypatch.setattr(common, "weights_fingerprint", lambda model: "retrained")
+    common.run_many(RUNS[:1], tmp_path)
+    assert len(common.calls) == 2
