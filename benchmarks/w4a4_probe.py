@@ -73,9 +73,8 @@ def main() -> None:
     for epochs in args.arc_epochs:
         start = time.perf_counter()
         module = ARC(model=args.model, recipe=recipe, arc=ARCConfig(lr=args.arc_lr, lambda_align=args.lambda_align),
-                     sampler=sampler, reference_cache=None)
-        data = ATGDataModule(model=args.model, sampler=sampler, num_conditions=calib.num_conditions, k=5,
-                             batch_size=16, cache_dir=calib.cache_dir)
+                     sampler=sampler, calibration=calib, reference_cache=None)
+        data = ATGDataModule(k=5, calib_batch_size=16)
         L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                   enable_progress_bar=False).fit(module, data)
         for q in module.qlinears.values():

@@ -1,5 +1,7 @@
-"""Data: the embedded MNIST digits, sampling conditions, and (later) ATG calibration data."""
+"""Data: the embedded MNIST digits, sampling conditions, and the ATG calibration data of TCA-DiT."""
 
+from tca_lightning.data.atg_datamodule import ATGDataModule, CalibrationItems
+from tca_lightning.data.calibration import CalibrationConfig
 from tca_lightning.data.conditions import ConditionDataset, SamplingDataModule
 
-__all__ = ["ConditionDataset", "SamplingDataModule"]
+__all__ = ["ATGDataModule", "CalibrationConfig", "CalibrationItems", "ConditionDataset", "SamplingDataModule"]

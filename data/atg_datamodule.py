@@ -4,20 +4,26 @@
 rank) loads them, computes per-timestep input statistics, clusters the timesteps (faiss) and
 keeps the items at the K representative steps — every condition at each — with the group's
 weight. Under DDP, Lightning's distributed sampler gives each rank its own shard of items.
+
+The model, sampler and calibration budget are, by default, those of the LightningModule being
+fit (``calibration_source()``), so a config states them once and the trajectories are the very
+ones the baselines calibrate on (same cache key). ``test`` streams the evaluation's conditions
+(SamplingDataModule), so ``fit`` can evaluate its result with the same DataModule.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tca_lightning.data.atg import SELECTIONS, TimestepGroups, anomaly_signatures, select_timesteps
-from tca_lightning.data.calibration import LinearStats, Trajectories, cached_trajectories, collect_linear_stats
-from tca_lightning.data.conditions import batch_condition, condition_batch
-from tca_lightning.models.adapters import get_adapter
+from tca_lightning.data.calibration import (CalibrationConfig, LinearStats, Trajectories, calibration_trajectories,
+                                           collect_linear_stats)
+from tca_lightning.data.conditions import SamplingDataModule
+from tca_lightning.models.adapters import DiffusionAdapter, get_adapter
 from tca_lightning.models.loading import load_model
 from tca_lightning.models.samplers import SamplerConfig
 
@@ -43,57 +49,95 @@ class CalibrationItems(Dataset):
         return item
 
 
-class ATGDataModule(L.LightningDataModule):
-    def __init__(self, model: str = "tiny-dit", sampler: SamplerConfig = SamplerConfig(), num_conditions: int = 64,
-                 k: int = 10, selection: str = "atg", batch_size: int = 32, seed: int = 1000,
-                 cache_dir: str | None = "cache/calibration", num_workers: int = 0):
+class ATGDataModule(SamplingDataModule):
+    def __init__(self, k: int = 5, selection: str = "atg", calib_batch_size: int = 32, num_workers: int = 0,
+                 model: str | None = None, sampler: SamplerConfig | None = None,
+                 calibration: CalibrationConfig | None = None, num_samples: int = 1000, batch_size: int = 100,
+                 num_classes: int = 10, seed: int = 0):
         """
         Args:
-            model: the FP model whose trajectories are the calibration data (same string as the module's).
-            sampler: sampler of the trajectories: the evaluation's scheduler, steps and guidance.
-            num_conditions: conditions (class labels / captions) sampled.
             k: timestep groups (ATG) or uniformly spaced timesteps (``uniform``); ignored for ``all``.
+                DESIGN.md: ATG should match all-T at K ~ T/5.
             selection: ``atg`` (TCA-DiT), ``uniform`` or ``all`` (the ablation baselines).
-            batch_size: calibration items per step and device.
-            seed: noise seed of the trajectories (never the evaluation's).
-            cache_dir: where trajectories are cached (None: regenerate).
-            num_workers: DataLoader workers.
+            calib_batch_size: calibration items per training step and device.
+            num_workers: DataLoader workers of the calibration items.
+            model: the FP model whose trajectories are the calibration data (default: the LightningModule's).
+            sampler: scheduler and guidance of the trajectories (default: the LightningModule's).
+            calibration: conditions, trajectory steps, noise seed, cache (default: the LightningModule's).
+            num_samples: images ``test`` generates and scores (SamplingDataModule).
+            batch_size: images per sampler call in ``test``.
+            num_classes: class labels cycle over ``range(num_classes)`` in ``test``.
+            seed: style words of ``test``'s captions.
         """
-        super().__init__()
+        super().__init__(num_samples=num_samples, batch_size=batch_size, num_classes=num_classes, seed=seed)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if num_conditions < 1 or k < 1 or batch_size < 1:
-            raise ValueError(f"num_conditions ({num_conditions}), k ({k}) and batch_size ({batch_size}) must be >= 1")
-        self.save_hyperparameters()
-        self.sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(**sampler)
+        if k < 1 or calib_batch_size < 1:
+            raise ValueError(f"k ({k}) and calib_batch_size ({calib_batch_size}) must be >= 1")
+        # kept out of hparams: they default to the LightningModule's, and Lightning refuses differing duplicates
+        self.save_hyperparameters(ignore=["model", "sampler", "calibration"])
+        self.model_name, self.sampler, self.calibration = model, sampler, calibration
         self.traj: Trajectories | None = None
         self.stats: LinearStats | None = None
         self.groups: TimestepGroups | None = None
+        self.seconds = 0.0  # trajectories + statistics + clustering: part of the calibration time
+
+    def _source(self) -> tuple[str, DiffusionAdapter, SamplerConfig, CalibrationConfig]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if self.model_name is None:
+            if module is None or not hasattr(module, "calibration_source"):
+                raise ValueError("ATGDataModule needs model=... (a model id) when the LightningModule it feeds has no "
+                                 "calibration_source() (tca_lightning.arc.ARC has one)")
+            name, adapter, sampler, calibration = module.calibration_source()
+        else:
+            name = self.model_name
+            loaded = load_model(name)
+            adapter = get_adapter(loaded.transformer, loaded.caption_encoder)
+            sampler, calibration = None, None
+            if module is not None and hasattr(module, "calibration_source"):
+                _, _, sampler, calibration = module.calibration_source()
+        sampler = self._as(self.sampler, SamplerConfig) or sampler or SamplerConfig()
+        calibration = self._as(self.calibration, CalibrationConfig) or calibration or CalibrationConfig()
+        return name, adapter, sampler, calibration
+
+    @staticmethod
+    def _as(value, cls):
+        return cls(**value) if isinstance(value, dict) else value
 
     def _trajectories(self) -> Trajectories:
-        hp = self.hparams
-        loaded = load_model(hp.model)
-        adapter = get_adapter(loaded.transformer, loaded.caption_encoder)
-        batch = condition_batch(hp.num_conditions, seed=hp.seed)
-        sampler = SamplerConfig(scheduler=self.sampler.scheduler, num_steps=self.sampler.num_steps,
-                                guidance_scale=self.sampler.guidance_scale, seed=hp.seed)
-        self._adapter = adapter
-        return cached_trajectories(adapter, batch_condition(adapter, batch), batch["index"], sampler,
-                                   hp.cache_dir, hp.model)
+        name, adapter, sampler, calibration = self._source()
+        self._adapter, self._calibration = adapter, calibration
+        return calibration_trajectories(adapter, sampler, calibration, name)
 
     def prepare_data(self) -> None:
-        if self.hparams.cache_dir is not None:
-            self._trajectories()  # rank 0 fills the cache; setup() on every rank reads it
+        start = time.perf_counter()
+        name, adapter, sampler, calibration = self._source()
+        if calibration.cache_dir is not None:  # rank 0 fills the cache; setup() on every rank reads it
+            calibration_trajectories(adapter, sampler, calibration, name)
+        self.seconds += time.perf_counter() - start
 
     def setup(self, stage: str | None = None) -> None:
-        if self.groups is not None:
+        if stage not in (None, "fit", "validate") or self.groups is not None:
             return
+        start = time.perf_counter()
         self.traj = self._trajectories()
-        self.stats = collect_linear_stats(self._adapter, self.traj, batch_size=self.hparams.batch_size * 2)
+        self.stats = collect_linear_stats(self._adapter, self.traj, batch_size=self._calibration.batch_size)
         signatures = anomaly_signatures(self.stats.absmax) if self.hparams.selection == "atg" else None
         self.groups = select_timesteps(self.hparams.selection, self.traj.num_steps, self.hparams.k, signatures,
-                                       seed=self.hparams.seed)
+                                       seed=self._calibration.seed)
+        self.seconds += time.perf_counter() - start
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(CalibrationItems(self.traj, self.groups), batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers, drop_last=False)
+        if self.groups is None:
+            raise RuntimeError("ATGDataModule.setup('fit') has not run: use it through Trainer.fit")
+        return DataLoader(CalibrationItems(self.traj, self.groups), batch_size=self.hparams.calib_batch_size,
+                          shuffle=True, num_workers=self.hparams.num_workers, drop_last=False)
+
+    def summary(self) -> dict:
+        """What metrics.json records about the calibration data."""
+        if self.groups is None:
+            return {}
+        return {"timestep_selection": self.hparams.selection, "calib_groups": self.groups.k,
+                "calib_timesteps": [int(self.traj.timesteps[r]) for r in self.groups.representatives],
+                "calib_weights": [round(float(w), 4) for w in self.groups.weights],
+                "calib_items": len(CalibrationItems(self.traj, self.groups))}

@@ -22,6 +22,26 @@ from tca_lightning.models.adapters import Condition, DiffusionAdapter
 from tca_lightning.models.samplers import SamplerConfig, sample
 
 
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The calibration budget, shared by every method (baselines and TCA-DiT) so comparisons are fair."""
+
+    num_conditions: int = 64
+    """Conditions sampled with the FP model (PTQ4DiT uses 64 for DiT-XL/2-256)."""
+    num_steps: int = 25
+    """Sampler steps of the calibration trajectories (PTQ4DiT calibrates DiT-XL/2-256 on 25 timesteps)."""
+    seed: int = 1000
+    """Noise seed of the calibration trajectories (differs from the evaluation's)."""
+    batch_size: int = 64
+    """Items per forward when collecting statistics."""
+    cache_dir: str | None = "cache/calibration"
+    """Where trajectories are cached (None: regenerate every run)."""
+
+    def __post_init__(self):
+        if self.num_conditions < 1 or self.num_steps < 1:
+            raise ValueError(f"calibration needs num_conditions >= 1 and num_steps >= 1, got {self}")
+
+
 @dataclass
 class Trajectories:
     """x_t (T, N, C, H, W) before each model call, timesteps (T,), the N conditions, and the sampler used."""
@@ -38,7 +58,7 @@ class Trajectories:
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"x": self.x, "timesteps": self.timesteps, "cond": asdict(self.cond),
                     "sampler": asdict(self.sampler)}, tmp)
         os.replace(tmp, path)
@@ -78,6 +98,20 @@ def cached_trajectories(adapter: DiffusionAdapter, cond: Condition, indices, sam
     return traj
 
 
+def calibration_trajectories(adapter: DiffusionAdapter, sampler: SamplerConfig, config: CalibrationConfig,
+                             model_name: str) -> "Trajectories":
+    """The FP trajectories of a calibration budget: conditions drawn like the evaluation's (class i mod 10 /
+    a caption naming it) with their own noise seed, sampled with the evaluation's scheduler and guidance."""
+    from tca_lightning.data.conditions import batch_condition, condition_batch
+
+    batch = condition_batch(config.num_conditions, seed=config.seed)
+    device = next(adapter.transformer.parameters()).device
+    traj_sampler = SamplerConfig(scheduler=sampler.scheduler, num_steps=config.num_steps,
+                                 guidance_scale=sampler.guidance_scale, seed=config.seed)
+    return cached_trajectories(adapter, batch_condition(adapter, batch, device), batch["index"], traj_sampler,
+                               config.cache_dir, model_name)
+
+
 def weights_digest(*modules) -> str:
     """A content hash of the modules' parameters and buffers (what a cached reference depends on)."""
     h = hashlib.sha256()
@@ -103,30 +137,39 @@ class LinearStats:
 
 @torch.no_grad()
 def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: list[str] | None = None,
-                         gram: bool = False, batch_size: int = 64, progress: bool = True) -> LinearStats:
-    """One FP forward per step over the trajectories (conditional and, with guidance, unconditional
-    halves, as at inference), hooks recording each linear's input statistics."""
-    refs = {r.name: r.module for r in adapter.linears()}
-    names = list(refs) if names is None else names
+                         gram: bool = False, batch_size: int = 64, progress: bool = True,
+                         modules: dict[str, torch.nn.Module] | None = None, of: str = "input") -> LinearStats:
+    """One forward per step over the trajectories (conditional and, with guidance, unconditional
+    halves, as at inference), hooks recording each linear's input statistics.
+
+    ``modules`` (name -> module) and ``of="output"`` record other tensors the same way, e.g. what
+    ARC's learned transforms hand to the quantizer.
+    """
+    if of not in ("input", "output"):
+        raise ValueError(f"of must be 'input' or 'output', got {of!r}")
+    if modules is None:
+        refs = {r.name: r.module for r in adapter.linears()}
+        modules = {n: refs[n] for n in (list(refs) if names is None else names)}
     stats = LinearStats(traj.timesteps.clone())
-    for n in names:
-        stats.absmax[n] = torch.zeros(traj.num_steps, refs[n].in_features)
-        if gram:
-            stats.gram[n] = torch.zeros(refs[n].in_features, refs[n].in_features, dtype=torch.float64)
-            stats.tokens[n] = 0
     step_holder = [0]
 
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            s = step_holder[0]
-            stats.absmax[name][s] = torch.maximum(stats.absmax[name][s], x.abs().amax(0).cpu())
+    def record(name: str, t: torch.Tensor) -> None:
+        x = t.detach().float().reshape(-1, t.shape[-1])
+        if name not in stats.absmax:
+            stats.absmax[name] = torch.zeros(traj.num_steps, x.shape[1])
             if gram:
-                stats.gram[name] += (x.t() @ x).double().cpu()
-                stats.tokens[name] += x.shape[0]
-        return record
+                stats.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                stats.tokens[name] = 0
+        s = step_holder[0]
+        stats.absmax[name][s] = torch.maximum(stats.absmax[name][s], x.abs().amax(0).cpu())
+        if gram:
+            stats.gram[name] += (x.t() @ x).double().cpu()
+            stats.tokens[name] += x.shape[0]
 
-    handles = [refs[n].register_forward_pre_hook(hook(n)) for n in names]
+    if of == "input":
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n, m in modules.items()]
+    else:
+        handles = [m.register_forward_hook(lambda mod, args, out, n=n: record(n, out)) for n, m in modules.items()]
     device = next(adapter.transformer.parameters()).device
     guided = traj.sampler.guidance_scale > 1.0
     try:

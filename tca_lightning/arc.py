@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -80,18 +81,53 @@ class ARC(DiffusionEvaluator):
         super().__init__(model=model, **evaluator_args)
         self.recipe = recipe if isinstance(recipe, QuantRecipe) else QuantRecipe(**recipe)
         self.arc = arc if isinstance(arc, ARCConfig) else ARCConfig(**arc)
-        self.reference_model = copy.deepcopy(self.transformer).requires_grad_(False)  # FP teacher and reference
-        self.reference_captions = self.caption_encoder
+        teacher = copy.deepcopy(self.transformer).requires_grad_(False)
+        if self.hparams.reference is None:
+            self.reference_model, self.reference_captions = teacher, self.caption_encoder  # teacher and reference
+        else:
+            self.teacher_model = teacher  # the FP teacher; an explicit ``reference`` stays the PSNR reference
         self.transforms = torch.nn.ModuleDict()
         self._fit_start = None
+        self._setup_seconds = 0.0
         self._built = False
+
+    # --- what test evaluates ----------------------------------------------------------------
+    # One config serves three jobs: ``fit`` calibrates TCA-DiT and evaluates it; ``test`` with
+    # ``--ckpt_path`` evaluates a calibrated checkpoint; plain ``test`` evaluates the FP model, or the
+    # baseline named by ``quantization`` (so baselines and TCA-DiT share every other setting).
+    @property
+    def is_quantized(self) -> bool:
+        return self._built or self.quantization is not None
+
+    @property
+    def compares_to_reference(self) -> bool:
+        return self.is_quantized or self.hparams.reference is not None
+
+    @property
+    def teacher(self):
+        """The FP model whose block outputs ARC reconstructs (the FP reference unless another was given)."""
+        return get_adapter(getattr(self, "teacher_model", None) or self.reference_model, self.caption_encoder)
+
+    def calibration_source(self):
+        """(model name, FP adapter, sampler, calibration budget) for the ATG DataModule."""
+        return self.hparams.model, self.teacher, self.sampler, self.calibration
 
     # --- construction ----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.quantization is not None:
+            raise ValueError(f"`fit` calibrates TCA-DiT, but model.init_args.quantization selects the baseline "
+                             f"{type(self.quantization).__name__}: evaluate baselines with `test`, or drop "
+                             "--model.init_args.quantization")
         if self._built:
             return
-        stats = getattr(getattr(self.trainer, "datamodule", None), "stats", None) if self._trainer else None
-        self.build(stats)
+        if stage == "fit":
+            self._setup_seconds = getattr(self.trainer.datamodule, "seconds", 0.0) if self.trainer.datamodule else 0.0
+            self._fit_start = time.perf_counter()
+            self.build(getattr(self.trainer.datamodule, "stats", None))
+        elif self.quantization is not None:
+            super().setup(stage)  # a baseline
+        elif self._trainer is not None and self.trainer.ckpt_path:
+            self.build(None)  # shapes only: the checkpoint brings the calibrated values
 
     def build(self, stats=None) -> None:
         """Wrap the linears and attach one learnable transform per shared input (scales from ``stats``)."""
@@ -128,9 +164,7 @@ class ARC(DiffusionEvaluator):
         return Condition(labels=batch.get("labels"), tokens=batch.get("tokens"), mask=batch.get("mask"))
 
     def training_step(self, batch: dict, batch_idx: int):
-        if self._fit_start is None:
-            self._fit_start = time.perf_counter()
-        fp = get_adapter(self.reference_model, self.reference_captions)
+        fp = self.teacher
         q = self.adapter
         x, t, cond = batch["x"], batch["timestep"], self._condition(batch)
         if self.sampler.guidance_scale > 1.0:  # inference runs both halves: calibrate on both
@@ -180,14 +214,56 @@ class ARC(DiffusionEvaluator):
             total.append((means - means.mean(0, keepdim=True)).pow(2).sum(1).mean())
         return torch.stack(total).mean() if total else next(iter(profiles.values())).new_zeros(())
 
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if self.trainer.is_global_zero and getattr(dm, "stats", None) is not None:
+            from tca_lightning.callbacks.anomaly import atg_figure, pick_layers, write_anomaly_heatmaps
+
+            log_dir = Path(self.trainer.log_dir or ".")
+            names = pick_layers([(n, q.role) for n, q in self.qlinears.items()])
+            write_anomaly_heatmaps(dm.stats.absmax, dm.stats.timesteps, names, log_dir / "anomaly_heatmaps_fp.png",
+                                   title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger,
+                                   tag="anomaly/fp")
+            if dm.groups is not None and dm.hparams.selection == "atg":
+                atg_figure(dm.stats.absmax, dm.groups, dm.stats.timesteps, log_dir / "atg_clusters.png", self.logger)
+
     def on_fit_end(self) -> None:
-        if self._fit_start is not None:
-            self._quant_record = {"calib_seconds": round(time.perf_counter() - self._fit_start, 2),
-                                  "num_quantized_linears": len(self.qlinears), "num_transforms": len(self.transforms),
-                                  "max_orthogonality_error": max((t.orthogonality_error() for t in self.transforms.values()),
-                                                                 default=0.0)}
-        for qlinear in self.qlinears.values():
-            qlinear.freeze()
+        dm = self.trainer.datamodule
+        self._quant_record = {
+            "calib_seconds": round(self._setup_seconds + time.perf_counter() - (self._fit_start or time.perf_counter()), 2),
+            "num_quantized_linears": len(self.qlinears), "num_transforms": len(self.transforms),
+            "max_orthogonality_error": max((t.orthogonality_error() for t in self.transforms.values()), default=0.0),
+            **(dm.summary() if hasattr(dm, "summary") else {}),
+        }
+        if self.trainer.is_global_zero and getattr(dm, "traj", None) is not None:
+            self._write_transformed_heatmaps(dm)
+
+    @torch.no_grad()
+    def _write_transformed_heatmaps(self, dm) -> None:
+        """Per-timestep channel absmax of X T (what the quantizer sees) after ARC, next to the FP figure."""
+        from tca_lightning.callbacks.anomaly import pick_layers, write_anomaly_heatmaps
+        from tca_lightning.data.calibration import collect_linear_stats
+
+        names = pick_layers([(n, q.role) for n, q in self.qlinears.items() if q.transform is not None])
+        modules = {n: self.qlinears[n].transform for n in names}
+        with torch.nn.utils.parametrize.cached():
+            stats = collect_linear_stats(self.adapter, dm.traj, modules=modules, of="output", progress=False,
+                                         batch_size=dm.hparams.calib_batch_size * 2)
+        write_anomaly_heatmaps(stats.absmax, dm.traj.timesteps, names, Path(self.trainer.log_dir or ".") /
+                               "anomaly_heatmaps_arc.png", title=f"{self.hparams.model}: input absmax after ARC (X T)",
+                               logger=self.logger, tag="anomaly/arc")
+
+    def on_test_start(self) -> None:
+        if self._built:
+            for qlinear in self.qlinears.values():
+                qlinear.freeze()
+        super().on_test_start()
+
+    def generate(self, adapter, batch: dict) -> torch.Tensor:
+        with torch.nn.utils.parametrize.cached():  # the Cayley map once per call, not once per linear per step
+            return super().generate(adapter, batch)
 
     def record_overrides(self) -> dict:
+        if not self._built:
+            return super().record_overrides()
         return {"method": "tca-dit", "wbits": self.recipe.wbits, "abits": self.recipe.abits}

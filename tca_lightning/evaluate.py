@@ -236,6 +236,15 @@ class DiffusionEvaluator(L.LightningModule):
     def adapter(self) -> DiffusionAdapter:
         return get_adapter(self.transformer, self.caption_encoder)
 
+    @property
+    def is_quantized(self) -> bool:
+        """Whether ``test`` evaluates a quantized model (then compared with the FP reference)."""
+        return self.quantization is not None
+
+    @property
+    def compares_to_reference(self) -> bool:
+        return self.reference_model is not None
+
     def generate(self, adapter: DiffusionAdapter, batch: dict) -> torch.Tensor:
         x0 = sample(adapter, batch_condition(adapter, batch, self.device), batch["index"], self.sampler,
                     self.scheduler_config, progress=False)
@@ -278,8 +287,8 @@ class DiffusionEvaluator(L.LightningModule):
         start = time.perf_counter()
         images = self.generate(self.adapter, batch)
         self._sampling_seconds += time.perf_counter() - start
-        reference = self.reference_images(batch) if self.reference_model is not None else None
-        if self.quantization is None and self.reference_model is None:
+        reference = self.reference_images(batch) if self.compares_to_reference else None
+        if not self.is_quantized and self.hparams.reference is None:
             self.store_reference(self.transformer, self.caption_encoder, batch, images)  # later PTQ runs reuse them
         self.metrics.update(images, batch["label"], reference)
         kept = sum(len(g) for g in self._grid)
@@ -326,7 +335,7 @@ class DiffusionEvaluator(L.LightningModule):
             **self._quant_record,
             "num_samples": num_samples, "steps": sp.num_steps, "scheduler": sp.scheduler,
             "guidance_scale": sp.guidance_scale, "seed": sp.seed,
-            "reference": hp.reference or ("fp" if self.reference_model is not None else None),
+            "reference": hp.reference or ("fp" if self.compares_to_reference else None),
             "real_images": hp.real_images, "feature_extractor": hp.classifier or "mnist-features",
             "sampling_seconds": round(self._sampling_seconds, 2), "peak_rss_mb": peak_rss_mb(), **results,
         }

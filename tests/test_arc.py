@@ -7,6 +7,7 @@ import torch
 
 from tca_lightning.arc import ARC, ARCConfig
 from tca_lightning.data.atg_datamodule import ATGDataModule
+from tca_lightning.data.calibration import CalibrationConfig
 from tca_lightning.methods.base import QuantRecipe
 from tca_lightning.models.adapters import Condition
 from tca_lightning.models.samplers import SamplerConfig
@@ -16,9 +17,9 @@ RECIPE = QuantRecipe(wbits=4, abits=4, weight_granularity="group", act_granulari
 
 def _fit(tmp_path, epochs=2, **arc):
     sampler = SamplerConfig(num_steps=4)
-    module = ARC(model="random:tiny-dit", recipe=RECIPE, arc=ARCConfig(**arc), sampler=sampler, reference_cache=None)
-    data = ATGDataModule(model="random:tiny-dit", sampler=sampler, num_conditions=4, k=2, batch_size=4,
-                         cache_dir=str(tmp_path))
+    module = ARC(model="random:tiny-dit", recipe=RECIPE, arc=ARCConfig(**arc), sampler=sampler, reference_cache=None,
+                 calibration=CalibrationConfig(num_conditions=4, num_steps=4, cache_dir=str(tmp_path)))
+    data = ATGDataModule(k=2, calib_batch_size=4)
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         enable_progress_bar=False, log_every_n_steps=1)
     trainer.fit(module, data)

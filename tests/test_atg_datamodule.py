@@ -4,14 +4,16 @@ import pytest
 import torch
 
 from tca_lightning.data.atg_datamodule import ATGDataModule
+from tca_lightning.data.calibration import CalibrationConfig
 from tca_lightning.models.samplers import SamplerConfig
 
 
 @pytest.mark.parametrize("model, key", [("random:tiny-dit", "labels"), ("random:tiny-pixart", "tokens")])
 @pytest.mark.parametrize("selection", ["atg", "uniform", "all"])
 def test_items_are_at_the_selected_steps_with_weights(model, key, selection, tmp_path):
-    dm = ATGDataModule(model=model, sampler=SamplerConfig(num_steps=6), num_conditions=4, k=3,
-                       selection=selection, batch_size=5, cache_dir=str(tmp_path))
+    dm = ATGDataModule(model=model, sampler=SamplerConfig(guidance_scale=1.0), k=3, selection=selection,
+                       calibration=CalibrationConfig(num_conditions=4, num_steps=6, cache_dir=str(tmp_path)),
+                       calib_batch_size=5)
     dm.prepare_data()
     dm.setup("fit")
     k = 6 if selection == "all" else dm.groups.k
@@ -33,3 +35,37 @@ def _unbatch(batch):
 def test_bad_selection_is_a_clear_error():
     with pytest.raises(ValueError, match="selection must be one of"):
         ATGDataModule(selection="random")
+
+
+def test_model_sampler_and_budget_default_to_the_module_being_fit(tmp_path):
+    """One config states them once: the DataModule asks the LightningModule (ARC.calibration_source)."""
+
+    class Source:
+        def calibration_source(self):
+            from tca_lightning.models.adapters import get_adapter
+            from tca_lightning.models.loading import load_model
+
+            loaded = load_model("random:tiny-dit")
+            return ("random:tiny-dit", get_adapter(loaded.transformer), SamplerConfig(guidance_scale=1.0),
+                    CalibrationConfig(num_conditions=3, num_steps=5, cache_dir=None))
+
+    class FakeTrainer:
+        lightning_module = Source()
+
+    dm = ATGDataModule(k=2, selection="uniform")
+    dm.trainer = FakeTrainer()
+    dm.setup("fit")
+    assert dm.traj.x.shape[:2] == (5, 3) and dm.groups.k == 2
+    assert dm.summary()["calib_items"] == 6 and dm.seconds > 0
+
+
+def test_without_a_model_or_a_source_module_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs model="):
+        ATGDataModule().setup("fit")
+
+
+def test_test_stage_streams_the_evaluation_conditions_without_calibrating():
+    dm = ATGDataModule(num_samples=7, batch_size=4)
+    dm.setup("test")
+    assert dm.groups is None
+    assert [len(b["index"]) for b in dm.test_dataloader()] == [4, 3]

@@ -127,8 +127,9 @@ def test_every_config_parses(repo_root, capsys, monkeypatch):
     monkeypatch.chdir(repo_root)
     for base in base_configs(repo_root):
         config = print_config(capsys, "--config", str(base))
-        assert config["model"]["class_path"] == "tca_lightning.evaluate.DiffusionEvaluator"
-        assert config["data"]["class_path"] == "tca_lightning.data.SamplingDataModule"
+        assert config["model"]["class_path"] == "tca_lightning.arc.ARC"  # fit: TCA-DiT; test: FP or a baseline
+        assert config["data"]["class_path"] == "tca_lightning.data.ATGDataModule"
+        assert config["model"]["init_args"]["recipe"]["wbits"] == 4 and config["data"]["init_args"]["k"] >= 1
         written = yaml.safe_load(base.read_text())
         assert config["model"]["init_args"]["model"] == written["model"]["init_args"]["model"]
         assert config["model"]["init_args"]["sampler"]["num_steps"] == written["model"]["init_args"]["sampler"]["num_steps"]

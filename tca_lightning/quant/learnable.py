@@ -16,8 +16,16 @@ from torch.nn.utils.parametrizations import orthogonal
 from tca_lightning.quant.transforms import apply_kron, kron_factors, random_hadamard
 
 
-def _orthogonal_linear(n: int, init: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(n, n, bias=False)
+class _Matrix(nn.Module):
+    """A bare (n, n) parameter to parametrize (not an nn.Linear: model adapters list every nn.Linear)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n, n))
+
+
+def _orthogonal_matrix(n: int, init: torch.Tensor) -> nn.Module:
+    layer = _Matrix(n)
     orthogonal(layer, "weight", orthogonal_map="cayley")
     with torch.no_grad():
         layer.weight = init  # the parametrization's right_inverse: starts exactly at ``init``
@@ -39,7 +47,7 @@ class KronTransform(nn.Module):
             make = (lambda n, s: random_hadamard(n, s)) if init == "hadamard" else (lambda n, s: torch.eye(n))
             ra, rb = make(self.da, seed), make(self.db, seed + 1)
             if learnable_rotation:
-                self.left, self.right = _orthogonal_linear(self.da, ra), _orthogonal_linear(self.db, rb)
+                self.left, self.right = _orthogonal_matrix(self.da, ra), _orthogonal_matrix(self.db, rb)
             else:
                 self.register_buffer("fixed_left", ra)
                 self.register_buffer("fixed_right", rb)
@@ -88,4 +96,5 @@ class KronTransform(nn.Module):
         f = self.factors()
         if f is None:
             return 0.0
-        return max(float((r.t() @ r - torch.eye(len(r), dtype=r.dtype)).abs().max()) for r in f)
+        with torch.no_grad():
+            return max(float((r.t() @ r - torch.eye(len(r), dtype=r.dtype)).abs().max()) for r in f)
