@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tca_lightning.data.atg import SELECTIONS, TimestepGroups, anomaly_signatures, select_timesteps
 from tca_lightning.data.calibration import (CalibrationConfig, LinearStats, Trajectories, calibration_trajectories,
@@ -47,6 +47,24 @@ class CalibrationItems(Dataset):
             if value is not None:
                 item[key] = value[j]
         return item
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): a run resumed from a checkpoint sees the very
+    batches the uninterrupted run would have (Lightning calls ``set_epoch`` on samplers that have it)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 class ATGDataModule(SamplingDataModule):
@@ -130,8 +148,9 @@ class ATGDataModule(SamplingDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.groups is None:
             raise RuntimeError("ATGDataModule.setup('fit') has not run: use it through Trainer.fit")
-        return DataLoader(CalibrationItems(self.traj, self.groups), batch_size=self.hparams.calib_batch_size,
-                          shuffle=True, num_workers=self.hparams.num_workers, drop_last=False)
+        items = CalibrationItems(self.traj, self.groups)
+        return DataLoader(items, batch_size=self.hparams.calib_batch_size, sampler=EpochShuffle(len(items), self._calibration.seed),
+                          num_workers=self.hparams.num_workers, drop_last=False)
 
     def summary(self) -> dict:
         """What metrics.json records about the calibration data."""

@@ -31,9 +31,11 @@ from pathlib import Path
 
 import torch
 
+from tca_lightning.data.calibration import CalibrationConfig
 from tca_lightning.evaluate import DiffusionEvaluator
 from tca_lightning.methods.base import QuantRecipe, wrap_linears
 from tca_lightning.models.adapters import Condition, get_adapter
+from tca_lightning.models.samplers import SamplerConfig
 from tca_lightning.quant.learnable import KronTransform
 from tca_lightning.quant.transforms import smoothquant_scales
 
@@ -64,6 +66,11 @@ class ARCConfig:
     """Roles whose inputs get a transform."""
     seed: int = 0
     """Seed of the randomized Hadamard initialization."""
+
+
+# Checkpoints keep the config dataclasses in their hyperparameters; torch.load(weights_only=True), Lightning's
+# default, refuses unknown classes, so ours are allowlisted (plain data, no code runs when they load).
+torch.serialization.add_safe_globals([ARCConfig, QuantRecipe, SamplerConfig, CalibrationConfig])
 
 
 class ARC(DiffusionEvaluator):
@@ -126,8 +133,11 @@ class ARC(DiffusionEvaluator):
             self.build(getattr(self.trainer.datamodule, "stats", None))
         elif self.quantization is not None:
             super().setup(stage)  # a baseline
-        elif self._trainer is not None and self.trainer.ckpt_path:
-            self.build(None)  # shapes only: the checkpoint brings the calibrated values
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``test --ckpt_path``: build the (uncalibrated) transforms so the checkpoint's values have a home."""
+        if not self._built and any(k.startswith("transforms.") for k in checkpoint["state_dict"]):
+            self.build(None)
 
     def build(self, stats=None) -> None:
         """Wrap the linears and attach one learnable transform per shared input (scales from ``stats``)."""
@@ -216,10 +226,10 @@ class ARC(DiffusionEvaluator):
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
+        log_dir = self.run_dir()  # on every rank (a collective under DDP)
         if self.trainer.is_global_zero and getattr(dm, "stats", None) is not None:
             from tca_lightning.callbacks.anomaly import atg_figure, pick_layers, write_anomaly_heatmaps
 
-            log_dir = Path(self.trainer.log_dir or ".")
             names = pick_layers([(n, q.role) for n, q in self.qlinears.items()])
             write_anomaly_heatmaps(dm.stats.absmax, dm.stats.timesteps, names, log_dir / "anomaly_heatmaps_fp.png",
                                    title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger,
@@ -235,11 +245,12 @@ class ARC(DiffusionEvaluator):
             "max_orthogonality_error": max((t.orthogonality_error() for t in self.transforms.values()), default=0.0),
             **(dm.summary() if hasattr(dm, "summary") else {}),
         }
+        log_dir = self.run_dir()  # on every rank (a collective under DDP)
         if self.trainer.is_global_zero and getattr(dm, "traj", None) is not None:
-            self._write_transformed_heatmaps(dm)
+            self._write_transformed_heatmaps(dm, log_dir)
 
     @torch.no_grad()
-    def _write_transformed_heatmaps(self, dm) -> None:
+    def _write_transformed_heatmaps(self, dm, log_dir: Path) -> None:
         """Per-timestep channel absmax of X T (what the quantizer sees) after ARC, next to the FP figure."""
         from tca_lightning.callbacks.anomaly import pick_layers, write_anomaly_heatmaps
         from tca_lightning.data.calibration import collect_linear_stats
@@ -249,8 +260,8 @@ class ARC(DiffusionEvaluator):
         with torch.nn.utils.parametrize.cached():
             stats = collect_linear_stats(self.adapter, dm.traj, modules=modules, of="output", progress=False,
                                          batch_size=dm.hparams.calib_batch_size * 2)
-        write_anomaly_heatmaps(stats.absmax, dm.traj.timesteps, names, Path(self.trainer.log_dir or ".") /
-                               "anomaly_heatmaps_arc.png", title=f"{self.hparams.model}: input absmax after ARC (X T)",
+        write_anomaly_heatmaps(stats.absmax, dm.traj.timesteps, names, log_dir / "anomaly_heatmaps_arc.png",
+                               title=f"{self.hparams.model}: input absmax after ARC (X T)",
                                logger=self.logger, tag="anomaly/arc")
 
     def on_test_start(self) -> None:

@@ -256,13 +256,18 @@ class DiffusionEvaluator(L.LightningModule):
         record = quantize_model(self.adapter, self.quantization, self.sampler, self.calibration, self.hparams.model)
         stats = record.pop("stats")
         self._quant_record = record
-        if stats is not None and self.trainer is not None and self.trainer.is_global_zero:
+        out_dir = self.run_dir() if self._trainer is not None else None
+        if stats is not None and out_dir is not None and self.trainer.is_global_zero:
             from tca_lightning.callbacks.anomaly import pick_layers, write_anomaly_heatmaps
 
             names = pick_layers([(n, self.quantization_roles.get(n, "")) for n in stats.absmax])
-            write_anomaly_heatmaps(stats.absmax, stats.timesteps, names,
-                                   Path(self.trainer.log_dir or ".") / "anomaly_heatmaps_fp.png",
+            write_anomaly_heatmaps(stats.absmax, stats.timesteps, names, out_dir / "anomaly_heatmaps_fp.png",
                                    title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger)
+
+    def run_dir(self) -> Path:
+        """The run's folder (runs/<name>/version_N). Call it on every rank: under DDP, Trainer.log_dir
+        broadcasts rank 0's value, so calling it on rank 0 alone deadlocks."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def record_overrides(self) -> dict:
         """What metrics.json says about the quantization (method name and bits)."""
@@ -340,8 +345,8 @@ class DiffusionEvaluator(L.LightningModule):
             "sampling_seconds": round(self._sampling_seconds, 2), "peak_rss_mb": peak_rss_mb(), **results,
         }
         self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=False, rank_zero_only=True)
+        out_dir = self.run_dir()
         if self.trainer.is_global_zero:
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             write_json_atomic(out_dir / "metrics.json", record)
             if self._grid:
                 grid = image_grid(torch.cat(self._grid))

@@ -3,6 +3,7 @@
 import dataclasses
 
 import lightning as L
+import pytest
 import torch
 
 from tca_lightning.arc import ARC, ARCConfig
@@ -15,15 +16,27 @@ from tca_lightning.models.samplers import SamplerConfig
 RECIPE = QuantRecipe(wbits=4, abits=4, weight_granularity="group", act_granularity="group", group_size=32)
 
 
-def _fit(tmp_path, epochs=2, **arc):
-    sampler = SamplerConfig(num_steps=4)
-    module = ARC(model="random:tiny-dit", recipe=RECIPE, arc=ARCConfig(**arc), sampler=sampler, reference_cache=None,
-                 calibration=CalibrationConfig(num_conditions=4, num_steps=4, cache_dir=str(tmp_path)))
-    data = ATGDataModule(k=2, calib_batch_size=4)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        enable_progress_bar=False, log_every_n_steps=1)
-    trainer.fit(module, data)
+def _module(tmp_path, **arc):
+    return ARC(model="random:tiny-dit", recipe=RECIPE, arc=ARCConfig(**arc), sampler=SamplerConfig(num_steps=4),
+               reference_cache=None, calibration=CalibrationConfig(num_conditions=4, num_steps=4, cache_dir=str(tmp_path)))
+
+
+def _fit(tmp_path, epochs=2, module=None, callbacks=(), ckpt_path=None, checkpoint_dir=None, **arc):
+    module = module or _module(tmp_path, **arc)
+    checkpoints = [L.pytorch.callbacks.ModelCheckpoint(checkpoint_dir, save_top_k=-1, every_n_epochs=1)] if checkpoint_dir else []
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=bool(checkpoints),
+                        default_root_dir=tmp_path, enable_progress_bar=False, log_every_n_steps=1,
+                        callbacks=[*checkpoints, *callbacks], enable_model_summary=False)
+    trainer.fit(module, ATGDataModule(k=2, calib_batch_size=4), ckpt_path=ckpt_path)
     return module, trainer
+
+
+class LossLog(L.Callback):
+    def __init__(self):
+        self.recon = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.recon.append(float(trainer.callback_metrics["train/recon"]))
 
 
 def test_fit_moves_the_transforms_and_keeps_rotations_orthogonal(tmp_path):
@@ -44,3 +57,39 @@ def test_calibrated_transforms_are_exact_when_quantization_is_off(tmp_path):
     fp = module.reference_model(x, timestep=t.expand(2), class_labels=cond.labels).sample
     out = module.adapter.forward(x, t, cond)
     assert ((out - fp).abs().max() / fp.abs().max()) <= 1e-5
+
+
+def test_reconstruction_loss_decreases(tmp_path):
+    log = LossLog()
+    _fit(tmp_path, epochs=6, callbacks=[log], lr=2e-2)
+    per_epoch = torch.tensor(log.recon).view(6, -1).mean(1)  # 8 items in batches of 4: 2 steps per epoch
+    assert (per_epoch.diff() < 0).sum() >= 4 and per_epoch[-1] < 0.97 * per_epoch[0], per_epoch
+
+
+def test_resume_from_a_mid_fit_checkpoint_continues_the_same_run(tmp_path):
+    straight, _ = _fit(tmp_path / "a", epochs=2)
+    _fit(tmp_path / "b", epochs=1, checkpoint_dir=tmp_path / "ckpt")
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    resumed, trainer = _fit(tmp_path / "b", epochs=2, module=_module(tmp_path / "b"), ckpt_path=str(ckpt))
+    assert trainer.global_step == 4  # 2 steps per epoch, the first epoch's from the checkpoint
+    a, b = straight.transforms.state_dict(), resumed.transforms.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_fit_refuses_a_baseline_quantization(tmp_path):
+    from tca_lightning.methods import RTN
+
+    module = _module(tmp_path)
+    module.quantization = RTN(RECIPE)
+    with pytest.raises(ValueError, match="evaluate baselines with `test`"):
+        _fit(tmp_path, epochs=1, module=module)
+
+
+def test_an_uncalibrated_module_evaluates_the_fp_model(tmp_path):
+    module = _module(tmp_path)
+    assert not module.is_quantized and not module.compares_to_reference
+    assert module.record_overrides() == {}
+    _fit(tmp_path, epochs=1, module=module)
+    assert module.is_quantized and module.record_overrides()["method"] == "tca-dit"
