@@ -264,6 +264,22 @@ class ARC(DiffusionEvaluator):
                                title=f"{self.hparams.model}: input absmax after ARC (X T)",
                                logger=self.logger, tag="anomaly/arc")
 
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Turn each learned transform into its QuantLinears' fixed ``smooth``/``rotation`` buffers.
+
+        x (1/s) (R_a ⊗ R_b) is exactly transform_input(x, s, R_a ⊗ R_b); afterwards the layers look
+        like any other method's, so GPTQ (transform_gram), RGQ and export read them unchanged.
+        """
+        for name, q in self.qlinears.items():
+            t = q.transform
+            if t is None:
+                continue
+            if q.smooth is not None or q.rotation is not None:
+                raise ValueError(f"{name} already has a fixed smooth/rotation: bake() would compose them silently")
+            q.transform = None
+            q.set_transform(smooth=t.scale(), rotation=t.rotation_matrix())
+
     def on_test_start(self) -> None:
         if self._built:
             for qlinear in self.qlinears.values():

@@ -171,6 +171,21 @@ def test_quant_linear_freeze_caches_the_same_weight_and_set_transform_invalidate
     assert q._frozen_weight is None and not torch.equal(q(x), before)
 
 
+def test_a_fresh_quant_linear_loads_every_part_a_calibrated_one_saved():
+    torch.manual_seed(0)
+    specs = QuantSpec(bits=4, granularity="group", group_size=16), QuantSpec(bits=4, granularity="group", group_size=16)
+    q = QuantLinear.from_float(torch.nn.Linear(64, 32), *specs)
+    q.set_transform(smooth=torch.rand(64) + 0.5, rotation=random_hadamard(64, 1), perm=torch.randperm(64))
+    q.set_lowrank(torch.randn(64, 4) * 0.1, torch.randn(4, 32) * 0.1)
+    q.enable_weight_clipping(0.9)
+    q.set_quantized_weight(q.quantized_weight().detach())
+    fresh = QuantLinear.from_float(torch.nn.Linear(64, 32), *specs)
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(5, 64)
+    assert torch.equal(fresh(x), q(x))
+    assert set(dict(fresh.named_buffers())) == set(dict(q.named_buffers()))
+
+
 def test_quant_linear_rejects_wrong_transform_shapes():
     q = QuantLinear.from_float(torch.nn.Linear(64, 16), OFF, OFF, name="blk.0.fc1")
     with pytest.raises(ValueError, match="rotation of blk.0.fc1 must have shape"):

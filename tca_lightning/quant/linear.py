@@ -104,6 +104,17 @@ class QuantLinear(nn.Linear):
         self.clip_logit = nn.Parameter(torch.log(ratio / (1 - ratio)).to(self.weight.device))
         return self.clip_logit
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A fresh QuantLinear has no transform buffers yet: take whichever a saved one had."""
+        for name in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b", "weight_q"):
+            if prefix + name in state_dict and getattr(self, name) is None:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self.weight.device)
+        if prefix + "clip_logit" in state_dict and self.clip_logit is None:
+            self.clip_logit = nn.Parameter(torch.empty_like(state_dict[prefix + "clip_logit"], device=self.weight.device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     # --- computation ---------------------------------------------------------------------
     def transformed_weight(self) -> torch.Tensor:
         w = fold_input_transform(self.weight, self.smooth, self.rotation, self.perm)
