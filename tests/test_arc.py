@@ -93,3 +93,20 @@ def test_an_uncalibrated_module_evaluates_the_fp_model(tmp_path):
     assert module.record_overrides() == {}
     _fit(tmp_path, epochs=1, module=module)
     assert module.is_quantized and module.record_overrides()["method"] == "tca-dit"
+
+
+def test_bake_turns_learned_transforms_into_exact_fixed_buffers(tmp_path):
+    module, _ = _fit(tmp_path, epochs=1)
+    for q in module.qlinears.values():
+        q.set_specs(dataclasses.replace(q.weight_spec, bits=16), dataclasses.replace(q.act_spec, bits=16))
+    x, t, cond = torch.randn(2, 1, 32, 32), torch.tensor(500), Condition(labels=torch.tensor([1, 2]))
+    fp = module.reference_model(x, timestep=t.expand(2), class_labels=cond.labels).sample
+    module.bake()
+    baked = [q for q in module.qlinears.values() if q.rotation is not None]
+    assert baked and all(q.transform is None and q.smooth is not None for q in baked)
+    out = module.adapter.forward(x, t, cond)
+    assert ((out - fp).abs().max() / fp.abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="already has a fixed"):
+        q = baked[0]
+        q.transform = next(iter(module.transforms.values()))
+        module.bake()
