@@ -128,6 +128,8 @@ class ATGDataModule(SamplingDataModule):
         return calibration_trajectories(adapter, sampler, calibration, name)
 
     def prepare_data(self) -> None:
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return  # test/predict evaluate: nothing to calibrate
         start = time.perf_counter()
         name, adapter, sampler, calibration = self._source()
         if calibration.cache_dir is not None:  # rank 0 fills the cache; setup() on every rank reads it

@@ -63,6 +63,11 @@ class Trajectories:
                     "sampler": asdict(self.sampler)}, tmp)
         os.replace(tmp, path)
 
+    def subset(self, steps) -> "Trajectories":
+        """The same conditions at only some sampler steps (e.g. ATG's representatives)."""
+        steps = torch.as_tensor(steps, dtype=torch.long)
+        return Trajectories(self.x[steps], self.timesteps[steps], self.cond, self.sampler)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Trajectories":
         d = torch.load(path, weights_only=True)
@@ -132,19 +137,23 @@ class LinearStats:
     timesteps: torch.Tensor
     absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     gram: dict[str, torch.Tensor] = field(default_factory=dict)
-    tokens: dict[str, int] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)  # weighted when collected with step_weights
 
 
 @torch.no_grad()
 def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: list[str] | None = None,
                          gram: bool = False, batch_size: int = 64, progress: bool = True,
-                         modules: dict[str, torch.nn.Module] | None = None, of: str = "input") -> LinearStats:
+                         modules: dict[str, torch.nn.Module] | None = None, of: str = "input",
+                         step_weights: torch.Tensor | None = None) -> LinearStats:
     """One forward per step over the trajectories (conditional and, with guidance, unconditional
     halves, as at inference), hooks recording each linear's input statistics.
 
     ``modules`` (name -> module) and ``of="output"`` record other tensors the same way, e.g. what
-    ARC's learned transforms hand to the quantizer.
+    ARC's learned transforms hand to the quantizer. ``step_weights`` (T,) weight each step's share of
+    the Gram matrices and token counts (ATG: a representative step stands for its whole group).
     """
+    if step_weights is not None and len(step_weights) != traj.num_steps:
+        raise ValueError(f"step_weights has {len(step_weights)} entries for {traj.num_steps} steps")
     if of not in ("input", "output"):
         raise ValueError(f"of must be 'input' or 'output', got {of!r}")
     if modules is None:
@@ -163,8 +172,9 @@ def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: l
         s = step_holder[0]
         stats.absmax[name][s] = torch.maximum(stats.absmax[name][s], x.abs().amax(0).cpu())
         if gram:
-            stats.gram[name] += (x.t() @ x).double().cpu()
-            stats.tokens[name] += x.shape[0]
+            w = 1.0 if step_weights is None else float(step_weights[s])
+            stats.gram[name] += w * (x.t() @ x).double().cpu()
+            stats.tokens[name] += w * x.shape[0]
 
     if of == "input":
         handles = [m.register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n, m in modules.items()]

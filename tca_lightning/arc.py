@@ -97,6 +97,7 @@ class ARC(DiffusionEvaluator):
         self._fit_start = None
         self._setup_seconds = 0.0
         self._built = False
+        self.finalized = False  # set by callbacks.Finalize: transforms baked, RGQ and GPTQ applied
 
     # --- what test evaluates ----------------------------------------------------------------
     # One config serves three jobs: ``fit`` calibrates TCA-DiT and evaluates it; ``test`` with
@@ -134,10 +135,18 @@ class ARC(DiffusionEvaluator):
         elif self.quantization is not None:
             super().setup(stage)  # a baseline
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tca_finalized"] = self.finalized
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """``test --ckpt_path``: build the (uncalibrated) transforms so the checkpoint's values have a home."""
+        """``test --ckpt_path``: build the (uncalibrated) transforms so the checkpoint's values have a home;
+        a finalized checkpoint carries them baked into the layers' buffers instead."""
         if not self._built and any(k.startswith("transforms.") for k in checkpoint["state_dict"]):
             self.build(None)
+        if checkpoint.get("tca_finalized", False):
+            for q in self.qlinears.values():
+                q.transform = None  # the loaded smooth/rotation/perm/weight_q buffers are the transforms now
+            self.finalized = True
 
     def build(self, stats=None) -> None:
         """Wrap the linears and attach one learnable transform per shared input (scales from ``stats``)."""
@@ -237,7 +246,7 @@ class ARC(DiffusionEvaluator):
             if dm.groups is not None and dm.hparams.selection == "atg":
                 atg_figure(dm.stats.absmax, dm.groups, dm.stats.timesteps, log_dir / "atg_clusters.png", self.logger)
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
         dm = self.trainer.datamodule
         self._quant_record = {
             "calib_seconds": round(self._setup_seconds + time.perf_counter() - (self._fit_start or time.perf_counter()), 2),
@@ -271,6 +280,8 @@ class ARC(DiffusionEvaluator):
         x (1/s) (R_a ⊗ R_b) is exactly transform_input(x, s, R_a ⊗ R_b); afterwards the layers look
         like any other method's, so GPTQ (transform_gram), RGQ and export read them unchanged.
         """
+        if self.finalized:
+            return
         for name, q in self.qlinears.items():
             t = q.transform
             if t is None:

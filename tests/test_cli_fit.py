@@ -32,6 +32,7 @@ def test_fit_calibrates_then_evaluates_against_fp(fitted):
     assert record["timestep_selection"] == "atg" and 1 <= record["calib_groups"] <= 2
     assert abs(sum(record["calib_weights"]) - 1) < 1e-3 and record["calib_items"] == 4 * record["calib_groups"]
     assert record["calib_seconds"] > 0 and record["max_orthogonality_error"] <= 1e-5
+    assert record["rgq"] is True and record["gptq"] is True
     for png in ("samples.png", "anomaly_heatmaps_fp.png", "anomaly_heatmaps_arc.png", "atg_clusters.png"):
         assert (version_dir / png).is_file(), png
     assert list(version_dir.glob("events.out.tfevents.*"))  # TensorBoard loss curves and figures
@@ -39,7 +40,7 @@ def test_fit_calibrates_then_evaluates_against_fp(fitted):
 
 def test_test_from_the_fit_checkpoint_reproduces_the_evaluation(fitted, run_cli, tmp_path):
     record, version_dir = fitted
-    (ckpt,) = (version_dir / "checkpoints").glob("*.ckpt")
+    ckpt = version_dir / "checkpoints" / "finalized.ckpt"  # after RGQ and GPTQ: what fit evaluated
     result = run_cli("test", *SMOKE_DIT, "--ckpt_path", str(ckpt), "--trainer.logger.init_args.save_dir", str(tmp_path),
                      timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]

@@ -1,0 +1,82 @@
+"""The finalize step of TCA-DiT: after ARC, make the quantized model final (RGQ, GPTQ), then keep it.
+
+On fit end, for the ARC module being fit:
+1. ``bake``: every learned transform becomes its QuantLinears' fixed (smooth, rotation) buffers;
+2. statistics of the FP inputs at ATG's representative timesteps, each weighted by its group's share
+   of the trajectory (one forward pass over K x N items, not T x N);
+3. RGQ (quant/rgq.py): permute each activation-grouped input by decreasing energy of X T, i.e. the
+   diagonal of T^T (X^T X) T, so every group of G channels holds channels of like magnitude;
+4. GPTQ (methods/gptq.py) on every quantized weight in that basis, against the same ATG-weighted
+   Hessian: error feedback for the 4-bit weights, visiting columns in decreasing energy (act-order);
+5. a checkpoint of the finalized module (``checkpoints/finalized.ckpt``), which ``test --ckpt_path``
+   evaluates exactly as fit's own evaluation did.
+Packing INT4 weights for the integer kernels builds on this (issue 5).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from tca_lightning.data.calibration import collect_linear_stats
+from tca_lightning.methods.gptq import GPTQ
+from tca_lightning.quant.rgq import magnitude_order
+from tca_lightning.quant.transforms import transform_gram
+
+
+class Finalize(L.Callback):
+    def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True):
+        """
+        Args:
+            rgq: reorder channels by calibrated magnitude before group quantization.
+            gptq: quantize weights with GPTQ (else round-to-nearest on the recipe's grid).
+            percdamp: GPTQ's Hessian dampening (fraction of the mean diagonal).
+            save: write ``checkpoints/finalized.ckpt`` in the run directory.
+        """
+        self.rgq, self.gptq, self.percdamp, self.save = rgq, gptq, percdamp, save
+
+    def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not hasattr(module, "bake") or getattr(module, "finalized", False):
+            return
+        start = time.perf_counter()
+        module.bake()
+        if self.rgq or self.gptq:
+            stats = self.representative_stats(trainer.datamodule, module)
+            if self.rgq:
+                reorder_groups(module.qlinears, stats)
+            if self.gptq:
+                GPTQ(module.recipe, percdamp=self.percdamp).calibrate(module.adapter, module.qlinears, stats)
+        for q in module.qlinears.values():
+            q.freeze()
+        module.finalized = True
+        record = getattr(module, "_quant_record", {})
+        record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
+        record.update(rgq=self.rgq, gptq=self.gptq)
+        if self.save:
+            path = module.run_dir() / "checkpoints" / "finalized.ckpt"  # run_dir on every rank: a collective
+            trainer.save_checkpoint(path)
+
+    @staticmethod
+    @torch.no_grad()
+    def representative_stats(dm, module):
+        """Input Gram matrices of every quantized linear at ATG's representatives, group-weighted."""
+        if getattr(dm, "groups", None) is None:
+            raise ValueError("Finalize needs the ATG DataModule's trajectories and groups (fit with ATGDataModule)")
+        traj = dm.traj.subset(dm.groups.representatives)
+        return collect_linear_stats(module.teacher, traj, names=list(module.qlinears), gram=True, progress=False,
+                                    batch_size=dm.hparams.calib_batch_size * 2, step_weights=dm.groups.weights)
+
+
+def reorder_groups(qlinears: dict, stats) -> dict[str, torch.Tensor]:
+    """RGQ on every activation-grouped QuantLinear: perm = channels of X T by decreasing energy."""
+    perms = {}
+    for name, q in qlinears.items():
+        if not q.act_spec.enabled or q.act_spec.granularity != "group" or name not in stats.gram:
+            continue
+        energy = torch.diagonal(transform_gram(stats.gram[name].to(q.weight.device), q.smooth, q.rotation))
+        perms[name] = magnitude_order(energy)
+        q.set_transform(perm=perms[name])
+    return perms

@@ -1,0 +1,38 @@
+"""RGQ — Reordered Group Quantization: permute input channels by calibrated magnitude before grouping.
+
+With one scale per group of G channels, a group's error is set by its largest member: a 20x
+channel in a group of ordinary ones crushes them to a few levels. Sorting channels by magnitude
+puts like with like, so every group's scale fits all its members (RPTQ's range clustering, Yuan et
+al., "RPTQ: Reorder-based Post-training Quantization for LLMs", 2023; DESIGN.md explains why not
+DuQuant's zigzag, which spreads outliers *across* groups on purpose). Weights get the same
+permutation of their input columns, so (x P)(W P)^T = x W^T exactly; GPTQ then also visits the
+columns in decreasing Hessian diagonal, its "act-order" heuristic, for free.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def magnitude_order(energy: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts channels by decreasing calibrated energy (mean square or absmax).
+
+    Stable, so channels of equal energy keep their order and an all-equal profile gives the identity.
+    """
+    if energy.dim() != 1:
+        raise ValueError(f"channel energy must be a vector (in_features,), got shape {tuple(energy.shape)}")
+    return torch.sort(energy, descending=True, stable=True).indices
+
+
+def group_spread(energy: torch.Tensor, group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over groups of max/mean of the channels' magnitude (sqrt energy): 1 is a perfectly even group.
+
+    How much a grouping wastes of each group's range; RGQ exists to bring it down.
+    """
+    if energy.numel() % group_size:
+        raise ValueError(f"group_size {group_size} does not divide {energy.numel()} channels")
+    magnitude = energy.clamp_min(0).sqrt()
+    if perm is not None:
+        magnitude = magnitude[perm]
+    groups = magnitude.view(-1, group_size)
+    return (groups.amax(1) / groups.mean(1).clamp_min(1e-12)).mean()
