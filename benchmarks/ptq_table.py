@@ -18,15 +18,19 @@ import time
 
 from common import CONFIGS, ROOT, machine, now, run_many, threads_per_job, write_tables
 
-METHODS = {
-    "rtn": "tca_lightning.methods.RTN",
-    "smoothquant": "tca_lightning.methods.SmoothQuant",
-    "quarot": "tca_lightning.methods.QuaRot",
-    "gptq": "tca_lightning.methods.GPTQ",
-    "qdit": "tca_lightning.methods.QDiT",
-    "ptq4dit": "tca_lightning.methods.PTQ4DiT",
-    "viditq": "tca_lightning.methods.ViDiTQ",
-    "svdquant": "tca_lightning.methods.SVDQuant",
+Q = "--model.init_args.quantization"
+METHODS = {  # row name -> CLI arguments selecting the method
+    "rtn": [Q, "tca_lightning.methods.RTN"],
+    "smoothquant": [Q, "tca_lightning.methods.SmoothQuant"],
+    "quarot": [Q, "tca_lightning.methods.QuaRot"],
+    "gptq": [Q, "tca_lightning.methods.GPTQ"],
+    "qdit": [Q, "tca_lightning.methods.QDiT"],
+    "ptq4dit": [Q, "tca_lightning.methods.PTQ4DiT"],
+    "viditq": [Q, "tca_lightning.methods.ViDiTQ"],
+    "svdquant": [Q, "tca_lightning.methods.SVDQuant"],
+    # GPTQ weights on top of a transform, as QuaRot's paper runs it: the strongest combinations we know
+    "smoothquant+gptq": [Q, "tca_lightning.methods.GPTQ", f"{Q}.base", "tca_lightning.methods.SmoothQuant"],
+    "quarot+gptq": [Q, "tca_lightning.methods.GPTQ", f"{Q}.base", "tca_lightning.methods.QuaRot"],
 }
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 COLUMNS = ("model", "method", "wbits", "abits", "fid", "kid", "is", "cond_acc", "psnr_vs_fp", "mse_vs_fp",
@@ -59,7 +63,7 @@ def main() -> None:
                 recipe = [f"--model.init_args.quantization.recipe.{k}={v}" for k, v in (
                     ("wbits", wbits), ("abits", abits), ("weight_granularity", "group"),
                     ("act_granularity", "group"), ("group_size", args.group_size))]
-                quant_runs.append((model, common + calib + ["--model.init_args.quantization", METHODS[method]] + recipe, {}))
+                quant_runs.append((model, common + calib + METHODS[method] + recipe, {"method": method}))
     start = time.time()
     header = {"date": now(), "machine": machine(threads_per_job(args.jobs)),
               "invocation": "python benchmarks/ptq_table.py " + " ".join(sys.argv[1:])}

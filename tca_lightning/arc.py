@@ -34,12 +34,11 @@ import torch
 from tca_lightning.data.calibration import CalibrationConfig
 from tca_lightning.evaluate import DiffusionEvaluator
 from tca_lightning.methods.base import QuantRecipe, wrap_linears
-from tca_lightning.models.adapters import Condition, get_adapter
+from tca_lightning.models.adapters import ROLES, Condition, get_adapter
 from tca_lightning.models.samplers import SamplerConfig
 from tca_lightning.quant.learnable import KronTransform
 from tca_lightning.quant.transforms import smoothquant_scales
 
-ONLINE_ROLES = ("qkv", "attn_out", "fc1", "fc2", "cross_q", "cross_kv", "cross_out")
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,10 @@ class ARCConfig:
     """SmoothQuant alpha of the scale initialization."""
     weight_clipping: bool = False
     """Learn per-output-channel weight clipping (OmniQuant LWC)."""
-    roles: tuple[str, ...] = ONLINE_ROLES
-    """Roles whose inputs get a transform."""
+    roles: tuple[str, ...] = ROLES
+    """Roles whose inputs get a transform. Inputs inside the transformer blocks get a learned one;
+    the rest (PixArt's adaLN-single and caption projection, the final layer) a fixed SmoothQuant
+    scale, since no block reconstruction sees them."""
     seed: int = 0
     """Seed of the randomized Hadamard initialization."""
 
@@ -160,6 +161,11 @@ class ARC(DiffusionEvaluator):
             if self.arc.scale and stats is not None and group[0] in stats.absmax:
                 weight = torch.cat([self.qlinears[n].weight for n in group])
                 init_scale = smoothquant_scales(stats.absmax[group[0]].amax(0), weight, self.arc.smooth_alpha)
+            if first.block is None:  # outside every block: no reconstruction loss sees it, keep it fixed
+                if init_scale is not None:
+                    for n in group:
+                        self.qlinears[n].set_transform(smooth=init_scale)
+                continue
             transform = KronTransform(first.in_features, rotate=self.arc.rotate, scale=self.arc.scale,
                                       init_scale=init_scale, init=self.arc.rotation_init, seed=self.arc.seed + i,
                                       learnable_rotation=self.arc.learn_rotation)
@@ -168,7 +174,7 @@ class ARC(DiffusionEvaluator):
                 self.qlinears[n].set_learnable_transform(transform)
         if self.arc.weight_clipping:
             for q in self.qlinears.values():
-                if q.weight_spec.enabled:
+                if q.weight_spec.enabled and q.block is not None:
                     q.enable_weight_clipping(1.0 - 1e-3)
         self._built = True
 
