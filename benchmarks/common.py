@@ -34,16 +34,18 @@ def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def cli_args(model: str, overrides: list[str]) -> tuple[list[str], str]:
+def cli_args(model: str, overrides: list[str], subcommand: str = "test") -> tuple[list[str], str]:
     """(arguments for ``python -m tca_lightning``, the command as a user would type it)."""
-    args = ["test", "--config", CONFIGS[model], "--trainer.enable_progress_bar", "false", *overrides]
+    args = [subcommand, "--config", CONFIGS[model], "--trainer.enable_progress_bar", "false", *overrides]
     return args, "python -m tca_lightning " + " ".join(args)
 
 
-def run_cli(model: str, overrides: list[str], save_dir: Path, env: dict | None = None) -> tuple[dict, str]:
-    """``python -m tca_lightning test`` on a model's config plus overrides; returns (metrics.json, command)."""
+def run_cli(model: str, overrides: list[str], save_dir: Path, env: dict | None = None,
+            subcommand: str = "test") -> tuple[dict, str]:
+    """``python -m tca_lightning test`` (or ``fit``) on a model's config plus overrides; returns
+    (metrics.json, command)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{model}-", dir=save_dir.mkdir(parents=True, exist_ok=True) or save_dir))
-    args, command = cli_args(model, overrides)
+    args, command = cli_args(model, overrides, subcommand)
     subprocess.run([sys.executable, "-m", "tca_lightning", *args, "--trainer.logger.init_args.save_dir", str(run_dir)],
                    cwd=ROOT, check=True, env=env)
     (metrics,) = run_dir.glob("*/version_*/metrics.json")  # a private folder per run: parallel runs cannot mix
@@ -64,9 +66,10 @@ def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-def run_many(runs: list[tuple[str, list[str], dict]], save_dir: Path, jobs: int = 1,
+def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
              on_done: Callable[[list[dict]], None] | None = None, fresh: bool = False) -> list[dict]:
-    """Runs (model, overrides, extra row fields) ``jobs`` at a time, each on cpu_count/jobs threads.
+    """Runs (model, overrides, extra row fields[, subcommand]) ``jobs`` at a time, each on
+    cpu_count/jobs threads (subcommand: ``test`` unless given, e.g. ``fit`` for TCA-DiT).
 
     A finished run's row is kept in ``save_dir/done/<key>.json`` (key: model weights, overrides) and
     not run again, so a multi-hour table resumes after an interruption (``fresh`` ignores them; so
@@ -78,15 +81,16 @@ def run_many(runs: list[tuple[str, list[str], dict]], save_dir: Path, jobs: int 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_job(jobs))}
     rows: dict[int, dict] = {}
 
-    def key(model: str, overrides: list[str]) -> str:
-        blob = json.dumps([model, weights_fingerprint(model) if model in CONFIGS else "", overrides])
+    def key(model: str, overrides: list[str], subcommand: str) -> str:
+        blob = json.dumps([model, weights_fingerprint(model) if model in CONFIGS else "", overrides]
+                          + ([subcommand] if subcommand != "test" else []))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
-    def one(model: str, overrides: list[str], extra: dict) -> dict:
-        path = done_dir / f"{key(model, overrides)}.json"
+    def one(model: str, overrides: list[str], extra: dict, subcommand: str = "test") -> dict:
+        path = done_dir / f"{key(model, overrides, subcommand)}.json"
         if path.is_file() and not fresh:
             return json.loads(path.read_text())
-        metrics, command = run_cli(model, overrides, save_dir, env)
+        metrics, command = run_cli(model, overrides, save_dir, env, subcommand)
         row = {**metrics, **extra, "command": command}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(row, indent=2))

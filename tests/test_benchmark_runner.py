@@ -17,10 +17,10 @@ def common(repo_root, monkeypatch):
     spec.loader.exec_module(module)
     calls, lock = [], threading.Lock()
 
-    def fake_run_cli(model, overrides, save_dir, env=None):
+    def fake_run_cli(model, overrides, save_dir, env=None, subcommand="test"):
         with lock:
-            calls.append((model, tuple(overrides), env["OMP_NUM_THREADS"]))
-        return {"model": model, "value": len(overrides)}, "python -m tca_lightning test " + " ".join(overrides)
+            calls.append((model, tuple(overrides), env["OMP_NUM_THREADS"], subcommand))
+        return {"model": model, "value": len(overrides)}, f"python -m tca_lightning {subcommand} " + " ".join(overrides)
 
     monkeypatch.setattr(module, "run_cli", fake_run_cli)
     module.calls = calls
@@ -53,3 +53,9 @@ def test_changed_weights_invalidate_finished_runs(common, tmp_path, monkeypatch)
     monkeypatch.setattr(common, "weights_fingerprint", lambda model: "retrained")
     common.run_many(RUNS[:1], tmp_path)
     assert len(common.calls) == 2
+
+
+def test_fit_runs_are_their_own_rows(common, tmp_path):
+    common.run_many([RUNS[0], (*RUNS[0], "fit")], tmp_path)
+    assert sorted(c[3] for c in common.calls) == ["fit", "test"]
+    assert len(list((tmp_path / "done").glob("*.json"))) == 2

@@ -1,0 +1,79 @@
+"""TCA-DiT (``fit``) on the tiny models, with the ablations of issue 4, in the baselines' setting.
+
+    python benchmarks/tca_table.py                 # full: 1,000 samples, 50 steps, W4A4 + W4A8 + ablations
+    python benchmarks/tca_table.py --quick         # 64 samples, 20 steps, calibration 16 x 10, W4A4 only
+    python benchmarks/tca_table.py --jobs 2        # two runs side by side; rerun the same command to resume
+    python benchmarks/tca_table.py --seeds 0 1 2   # the main W4A4 rows on three sampling seeds (FID spread)
+
+Every row is ``python -m tca_lightning fit --config configs/<model>.yaml`` plus overrides: the same
+recipe (groups of 32, embedders and final layer W8A8), calibration budget (64 conditions x 25
+steps), sampler and noise as benchmarks/ptq_table.py, so its rows compare with the baselines'.
+Ablations at W4A4: (a) no alignment loss, (b) fixed randomized Hadamard instead of a learned
+rotation, (c) no scaling, (d) uniform-K and all-T timesteps instead of ATG. Writes
+benchmarks/results/tca_table{,_quick}.{md,csv,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from common import CONFIGS, ROOT, machine, now, run_many, threads_per_job, write_tables
+
+A = "--model.init_args.arc."
+ABLATIONS = {
+    "tca-dit": [],
+    "no-align (a)": [A + "lambda_align=0.0"],
+    "fixed-hadamard (b)": [A + "learn_rotation=false", A + "rotation_init=hadamard"],
+    "no-scale (c)": [A + "scale=false"],
+    "uniform-K (d)": ["--data.init_args.selection=uniform"],
+    "all-T (d)": ["--data.init_args.selection=all"],
+}
+COLUMNS = ("model", "method", "variant", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
+           "calib_seconds", "calib_groups", "sampling_seconds", "peak_rss_mb")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds of the main W4A4 rows")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    samples, steps, calib_n, calib_t = (64, 20, 16, 10) if args.quick else (1000, 50, 64, 25)
+    common = ["--data.init_args.num_samples", str(samples), "--model.init_args.sampler.num_steps", str(steps),
+              "--model.init_args.calibration.num_conditions", str(calib_n),
+              "--model.init_args.calibration.num_steps", str(calib_t)]
+    runs = []
+    for model in args.models:
+        for seed in args.seeds:
+            runs.append((model, common + ["--model.init_args.sampler.seed", str(seed)],
+                         {"variant": "tca-dit"}, "fit"))
+        if not args.quick:
+            runs.append((model, common + ["--model.init_args.recipe.abits=8"], {"variant": "tca-dit"}, "fit"))
+        for variant in args.variants:
+            if variant != "tca-dit":
+                runs.append((model, common + ABLATIONS[variant], {"variant": variant}, "fit"))
+    name = "tca_table_quick" if args.quick else "tca_table"
+    start = time.time()
+    header = {"date": now(), "machine": machine(threads_per_job(args.jobs)),
+              "invocation": "python benchmarks/tca_table.py " + " ".join(sys.argv[1:])}
+
+    def write(rows: list[dict]) -> str:
+        wall = round(time.time() - start, 1)
+        notes = [f"{samples} samples, {steps} sampler steps; calibration {calib_n} conditions x {calib_t} steps "
+                 "(the baselines' budget, benchmarks/ptq_table.py); W4A4/W4A8 in groups of 32, embedders and final "
+                 "layer W8A8", "psnr/mse vs the FP model on identical noise; FID/KID vs the 500 held-out digits",
+                 f"{len(rows)} of {len(runs)} runs finished", f"wall time of this invocation: {wall} s"]
+        return write_tables(name, "TCA-DiT and its ablations on the tiny models", {**header, "wall_seconds": wall},
+                            rows, COLUMNS, notes)
+
+    rows = run_many(runs, ROOT / "runs" / name, args.jobs, on_done=write, fresh=args.fresh)
+    print(write(rows))
+
+
+if __name__ == "__main__":
+    main()
