@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--quick", action="store_true", help="100 samples")
+    parser.add_argument("--accelerator", default=None, help="e.g. gpu on a lent GPU machine (configs say cpu)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cpu_count/jobs threads")
     parser.add_argument("--name", default=None, help="results file stem (default fp_eval / fp_eval_quick)")
     args = parser.parse_args()
@@ -39,7 +40,8 @@ def main() -> None:
     for model in args.models:
         for guidance in args.guidance or [None]:
             for seed in args.seeds:
-                overrides = ["--data.init_args.num_samples", str(num_samples),
+                overrides = (["--trainer.accelerator", args.accelerator] if args.accelerator else []) + [
+                             "--data.init_args.num_samples", str(num_samples),
                              "--model.init_args.sampler.num_steps", str(args.steps),
                              "--model.init_args.sampler.seed", str(seed)]
                 if guidance is not None:

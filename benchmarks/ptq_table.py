@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--bits", nargs="+", default=None, choices=list(BITS))
     parser.add_argument("--group-size", type=int, default=32, help="weights and activations, every method")
+    parser.add_argument("--accelerator", default=None, help="e.g. gpu on a lent GPU machine (configs say cpu)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side, each on cpu_count/jobs threads")
     parser.add_argument("--fresh", action="store_true", help="rerun rows already finished in runs/ptq_table*/done")
     parser.add_argument("--quick", action="store_true")
@@ -50,6 +51,7 @@ def main() -> None:
     samples, steps, calib_n, calib_t = (64, 20, 16, 10) if args.quick else (1000, 50, 64, 25)
     bits = args.bits or (["W4A4"] if args.quick else ["W4A4", "W4A8", "W8A8"])  # the separating setting first
     common = ["--data.init_args.num_samples", str(samples), "--model.init_args.sampler.num_steps", str(steps)]
+    common += ["--trainer.accelerator", args.accelerator] if args.accelerator else []
     calib = ["--model.init_args.calibration.num_conditions", str(calib_n),
              "--model.init_args.calibration.num_steps", str(calib_t)]
     name = "ptq_table_quick" if args.quick else "ptq_table"

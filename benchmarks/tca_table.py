@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds of the main W4A4 rows")
+    parser.add_argument("--accelerator", default=None, help="e.g. gpu on a lent GPU machine (configs say cpu)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -47,6 +48,7 @@ def main() -> None:
     common = ["--data.init_args.num_samples", str(samples), "--model.init_args.sampler.num_steps", str(steps),
               "--model.init_args.calibration.num_conditions", str(calib_n),
               "--model.init_args.calibration.num_steps", str(calib_t)]
+    common += ["--trainer.accelerator", args.accelerator] if args.accelerator else []
     runs = []
     for model in args.models:
         for seed in args.seeds:
