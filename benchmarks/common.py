@@ -80,9 +80,10 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
     done_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_job(jobs))}
     rows: dict[int, dict] = {}
+    fingerprints = {model: weights_fingerprint(model) for model in {run[0] for run in runs} if model in CONFIGS}
 
     def key(model: str, overrides: list[str], subcommand: str) -> str:
-        blob = json.dumps([model, weights_fingerprint(model) if model in CONFIGS else "", overrides]
+        blob = json.dumps([model, fingerprints.get(model, ""), overrides]
                           + ([subcommand] if subcommand != "test" else []))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -116,11 +116,3 @@ def write_figure(fig, path: str | os.PathLike, logger=None, tag: str = "figure")
     plt.close(fig)
     return path
 
-
-def atg_figure(absmax: dict[str, torch.Tensor], groups, timesteps: torch.Tensor, path: str | os.PathLike,
-               logger=None, tag: str = "atg/clusters"):
-    """The ATG cluster plot of a DataModule's statistics and groups, as PNG and TensorBoard figure."""
-    from tca_lightning.data.atg import anomaly_signatures
-
-    fig = atg_cluster_figure(anomaly_signatures(absmax), groups.assignment, groups.representatives, timesteps)
-    return write_figure(fig, path, logger, tag)

@@ -98,9 +98,16 @@ class ATGDataModule(SamplingDataModule):
         self.traj: Trajectories | None = None
         self.stats: LinearStats | None = None
         self.groups: TimestepGroups | None = None
+        self.signatures: torch.Tensor | None = None  # (T, D) what ATG clustered (selection "atg")
+        self._resolved = None
         self.seconds = 0.0  # trajectories + statistics + clustering: part of the calibration time
 
     def _source(self) -> tuple[str, DiffusionAdapter, SamplerConfig, CalibrationConfig]:
+        if self._resolved is None:
+            self._resolved = self._resolve_source()
+        return self._resolved
+
+    def _resolve_source(self) -> tuple[str, DiffusionAdapter, SamplerConfig, CalibrationConfig]:
         module = self.trainer.lightning_module if self.trainer is not None else None
         if self.model_name is None:
             if module is None or not hasattr(module, "calibration_source"):
@@ -142,8 +149,8 @@ class ATGDataModule(SamplingDataModule):
         start = time.perf_counter()
         self.traj = self._trajectories()
         self.stats = collect_linear_stats(self._adapter, self.traj, batch_size=self._calibration.batch_size)
-        signatures = anomaly_signatures(self.stats.absmax) if self.hparams.selection == "atg" else None
-        self.groups = select_timesteps(self.hparams.selection, self.traj.num_steps, self.hparams.k, signatures,
+        self.signatures = anomaly_signatures(self.stats.absmax) if self.hparams.selection == "atg" else None
+        self.groups = select_timesteps(self.hparams.selection, self.traj.num_steps, self.hparams.k, self.signatures,
                                        seed=self._calibration.seed)
         self.seconds += time.perf_counter() - start
 
@@ -151,8 +158,8 @@ class ATGDataModule(SamplingDataModule):
         if self.groups is None:
             raise RuntimeError("ATGDataModule.setup('fit') has not run: use it through Trainer.fit")
         items = CalibrationItems(self.traj, self.groups)
-        return DataLoader(items, batch_size=self.hparams.calib_batch_size, sampler=EpochShuffle(len(items), self._calibration.seed),
-                          num_workers=self.hparams.num_workers, drop_last=False)
+        return DataLoader(items, batch_size=self.hparams.calib_batch_size,
+                          sampler=EpochShuffle(len(items), self._calibration.seed), num_workers=self.hparams.num_workers, drop_last=False)
 
     def summary(self) -> dict:
         """What metrics.json records about the calibration data."""

@@ -243,19 +243,23 @@ class ARC(DiffusionEvaluator):
         dm = self.trainer.datamodule
         log_dir = self.run_dir()  # on every rank (a collective under DDP)
         if self.trainer.is_global_zero and getattr(dm, "stats", None) is not None:
-            from tca_lightning.callbacks.anomaly import atg_figure, pick_layers, write_anomaly_heatmaps
+            from tca_lightning.callbacks.anomaly import (atg_cluster_figure, pick_layers, write_anomaly_heatmaps,
+                                                         write_figure)
 
             names = pick_layers([(n, q.role) for n, q in self.qlinears.items()])
             write_anomaly_heatmaps(dm.stats.absmax, dm.stats.timesteps, names, log_dir / "anomaly_heatmaps_fp.png",
                                    title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger,
                                    tag="anomaly/fp")
-            if dm.groups is not None and dm.hparams.selection == "atg":
-                atg_figure(dm.stats.absmax, dm.groups, dm.stats.timesteps, log_dir / "atg_clusters.png", self.logger)
+            if getattr(dm, "signatures", None) is not None:
+                fig = atg_cluster_figure(dm.signatures, dm.groups.assignment, dm.groups.representatives,
+                                         dm.stats.timesteps)
+                write_figure(fig, log_dir / "atg_clusters.png", self.logger, "atg/clusters")
 
     def on_train_end(self) -> None:
         dm = self.trainer.datamodule
         self._quant_record = {
-            "calib_seconds": round(self._setup_seconds + time.perf_counter() - (self._fit_start or time.perf_counter()), 2),
+            "calib_seconds": round(self._setup_seconds + time.perf_counter()
+                                   - (self._fit_start or time.perf_counter()), 2),
             "num_quantized_linears": len(self.qlinears), "num_transforms": len(self.transforms),
             "max_orthogonality_error": max((t.orthogonality_error() for t in self.transforms.values()), default=0.0),
             **(dm.summary() if hasattr(dm, "summary") else {}),
