@@ -20,14 +20,16 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"tiny-dit": "configs/tiny_dit.yaml", "tiny-pixart": "configs/tiny_pixart.yaml"}
 
 
-def machine(threads: int | None = None) -> str:
-    """CPU model, threads per run, library versions."""
+def machine(threads: int | None = None, accelerator: str | None = None) -> str:
+    """CPU model (and GPU, when the runs use one), threads per run, library versions."""
     import torch
 
     threads = threads or torch.get_num_threads()
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {threads} threads per run, torch {torch.__version__}, Python {platform.python_version()}"
+    gpu = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), "
+           if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "")
+    return f"{gpu}{cpu}, {threads} threads per run, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def now() -> str:
@@ -62,6 +64,26 @@ def weights_fingerprint(model: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def accelerator_of(row: dict) -> str:
+    """Where a table row ran: the ``--trainer.accelerator`` of its command (the configs say cpu)."""
+    args = row.get("command", "").split()
+    return args[args.index("--trainer.accelerator") + 1] if "--trainer.accelerator" in args else "cpu"
+
+
+def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], bool]) -> list[dict]:
+    """Finished rows in ``save_dir/done`` from earlier invocations (e.g. on another machine) that ``keep``
+    accepts and that the current rows do not replace (same model, method and bits), so a table can be
+    filled piecewise; each row's ``device`` says where it ran."""
+    ident = lambda r: (r.get("model"), r.get("method"), r.get("wbits"), r.get("abits"))  # noqa: E731
+    have = {ident(r) for r in current}
+    found = {}
+    for path in sorted((save_dir / "done").glob("*.json")):
+        row = json.loads(path.read_text())
+        if ident(row) not in have and keep(row):
+            found.setdefault(ident(row), row)
+    return list(found.values())
+
+
 def threads_per_job(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
@@ -74,7 +96,8 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
     A finished run's row is kept in ``save_dir/done/<key>.json`` (key: model weights, overrides) and
     not run again, so a multi-hour table resumes after an interruption (``fresh`` ignores them; so
     should anyone who changed a method's code). ``on_done`` gets the rows
-    finished so far (in ``runs`` order) after each run, to write partial tables.
+    finished so far (in ``runs`` order) after each run, to write partial tables. A run that fails
+    is reported on stderr and left out of the rows (the others go on); rerunning retries it.
     """
     done_dir = save_dir / "done"
     done_dir.mkdir(parents=True, exist_ok=True)
@@ -91,7 +114,11 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
         path = done_dir / f"{key(model, overrides, subcommand)}.json"
         if path.is_file() and not fresh:
             return json.loads(path.read_text())
-        metrics, command = run_cli(model, overrides, save_dir, env, subcommand)
+        try:
+            metrics, command = run_cli(model, overrides, save_dir, env, subcommand)
+        except (subprocess.CalledProcessError, ValueError) as err:  # ValueError: no single metrics.json
+            print(f"FAILED {model} {' '.join(overrides)} ({subcommand}): {err}", file=sys.stderr, flush=True)
+            return None
         row = {**metrics, **extra, "command": command}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(row, indent=2))
@@ -101,10 +128,13 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(one, *run): i for i, run in enumerate(runs)}
         for future in as_completed(futures):
-            rows[futures[future]] = future.result()
+            row = future.result()
+            if row is None:
+                continue
+            rows[futures[future]] = row
             if on_done is not None:
                 on_done([rows[i] for i in sorted(rows)])
-    return [rows[i] for i in range(len(runs))]
+    return [rows[i] for i in sorted(rows)]
 
 
 def write_tables(name: str, title: str, header: dict, rows: list[dict], columns: tuple[str, ...],

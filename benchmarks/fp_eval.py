@@ -48,7 +48,7 @@ def main() -> None:
                     overrides += ["--model.init_args.sampler.guidance_scale", str(guidance)]
                 runs.append((model, overrides, {}))
     rows = run_many(runs, ROOT / "runs" / "benchmarks", args.jobs, fresh=True)
-    header = {"date": now(), "machine": machine(threads_per_job(args.jobs)), "invocation": "python benchmarks/fp_eval.py " + " ".join(sys.argv[1:]),
+    header = {"date": now(), "machine": machine(threads_per_job(args.jobs), args.accelerator), "invocation": "python benchmarks/fp_eval.py " + " ".join(sys.argv[1:]),
               "wall_seconds": round(time.time() - start, 1)}
     notes = ["FID/KID on mnist-features' 128-d penultimate features vs the 500 held-out real digits (mnist-heldout); "
              "IS on its class probabilities; cond_acc = share of samples the classifier assigns to the requested digit",

@@ -61,7 +61,7 @@ def main() -> None:
                 runs.append((model, common + ABLATIONS[variant], {"variant": variant}, "fit"))
     name = "tca_table_quick" if args.quick else "tca_table"
     start = time.time()
-    header = {"date": now(), "machine": machine(threads_per_job(args.jobs)),
+    header = {"date": now(), "machine": machine(threads_per_job(args.jobs), args.accelerator),
               "invocation": "python benchmarks/tca_table.py " + " ".join(sys.argv[1:])}
 
     def write(rows: list[dict]) -> str:

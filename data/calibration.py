@@ -36,10 +36,19 @@ class CalibrationConfig:
     """Items per forward when collecting statistics."""
     cache_dir: str | None = "cache/calibration"
     """Where trajectories are cached (None: regenerate every run)."""
+    device: str | None = None
+    """Where calibration runs: None for the trainer's device (the GPU under ``--trainer.accelerator gpu``),
+    e.g. "cpu" to keep it off a GPU that is short of memory."""
 
     def __post_init__(self):
         if self.num_conditions < 1 or self.num_steps < 1:
             raise ValueError(f"calibration needs num_conditions >= 1 and num_steps >= 1, got {self}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as err:
+                raise ValueError(f"calibration.device {self.device!r} is not a torch device (e.g. cpu, cuda, "
+                                 f"cuda:1), or leave it unset for the trainer's device: {err}") from None
 
 
 @dataclass

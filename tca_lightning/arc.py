@@ -119,6 +119,7 @@ class ARC(DiffusionEvaluator):
 
     def calibration_source(self):
         """(model name, FP adapter, sampler, calibration budget) for the ATG DataModule."""
+        self.move_to_calibration_device(self.teacher)
         return self.hparams.model, self.teacher, self.sampler, self.calibration
 
     # --- construction ----------------------------------------------------------------------

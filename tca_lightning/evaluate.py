@@ -253,6 +253,7 @@ class DiffusionEvaluator(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.quantization is None or self._quant_record:
             return
+        self.move_to_calibration_device()
         record = quantize_model(self.adapter, self.quantization, self.sampler, self.calibration, self.hparams.model)
         stats = record.pop("stats")
         self._quant_record = record
@@ -263,6 +264,16 @@ class DiffusionEvaluator(L.LightningModule):
             names = pick_layers([(n, self.quantization_roles.get(n, "")) for n in stats.absmax])
             write_anomaly_heatmaps(stats.absmax, stats.timesteps, names, out_dir / "anomaly_heatmaps_fp.png",
                                    title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger)
+
+    def move_to_calibration_device(self, adapter: DiffusionAdapter | None = None) -> None:
+        """Lightning moves the module to its device only after setup(), where calibration runs: move the
+        model there first (or to ``calibration.device``) so trajectories and statistics use the GPU."""
+        adapter = adapter or self.adapter
+        device = self.calibration.device or (self.trainer.strategy.root_device if self._trainer is not None else None)
+        if device is not None:
+            for module in (adapter.transformer, adapter.caption_encoder):
+                if module is not None:
+                    module.to(device)
 
     def run_dir(self) -> Path:
         """The run's folder (runs/<name>/version_N). Call it on every rank: under DDP, Trainer.log_dir

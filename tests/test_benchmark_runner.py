@@ -59,3 +59,23 @@ def test_fit_runs_are_their_own_rows(common, tmp_path):
     common.run_many([RUNS[0], (*RUNS[0], "fit")], tmp_path)
     assert sorted(c[3] for c in common.calls) == ["fit", "test"]
     assert len(list((tmp_path / "done").glob("*.json"))) == 2
+
+
+def test_a_failing_run_is_reported_and_skipped_then_retried(common, tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    working = common.run_cli
+
+    def flaky(model, overrides, *args, **kwargs):
+        if model == "tiny-pixart":
+            raise subprocess.CalledProcessError(1, ["python", "-m", "tca_lightning"])
+        return working(model, overrides, *args, **kwargs)
+
+    monkeypatch.setattr(common, "run_cli", flaky)
+    rows = common.run_many(RUNS, tmp_path, jobs=2)
+    assert [r["value"] for r in rows] == [2, 2]  # the two others still ran and were kept
+    assert "FAILED tiny-pixart --b" in capsys.readouterr().err
+    monkeypatch.setattr(common, "run_cli", working)
+    rows = common.run_many(RUNS, tmp_path)
+    assert [r["value"] for r in rows] == [2, 2, 1] and common.calls[-1][0] == "tiny-pixart"  # only it reran
+    assert len(common.calls) == 3

@@ -56,3 +56,12 @@ def test_fp_run_fills_the_reference_cache_that_ptq_runs_reuse(tmp_path, repo_roo
     assert [p.stat().st_mtime_ns for p in cached] == stamps  # read, not re-sampled
     (metrics_file,) = (tmp_path / "q").glob("*/version_*/metrics.json")
     assert json.loads(metrics_file.read_text())["psnr_vs_fp"] > 20  # W8A8 RTN stays close to the cached FP images
+
+
+def test_a_bad_calibration_device_is_a_clear_error(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    with pytest.raises(ValueError, match="calibration.device 'gpu0' is not a torch device"):
+        main(["test", "--config", "configs/tiny_dit.yaml", "--config", "configs/smoke.yaml",
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
+              "--model.init_args.quantization", "tca_lightning.methods.RTN",
+              "--model.init_args.calibration.device", "gpu0"])

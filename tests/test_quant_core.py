@@ -171,6 +171,15 @@ def test_quant_linear_freeze_caches_the_same_weight_and_set_transform_invalidate
     assert q._frozen_weight is None and not torch.equal(q(x), before)
 
 
+def test_a_frozen_weight_moves_with_the_module_and_stays_out_of_the_state_dict():
+    """Lightning moves the model to the GPU after setup() froze it: the cached weight must follow."""
+    q = QuantLinear.from_float(torch.nn.Linear(64, 16), QuantSpec(bits=4), QuantSpec(bits=8, granularity="token"))
+    q.freeze()
+    q.double()  # the same Module._apply path as .to("cuda")
+    assert q._frozen_weight.dtype == torch.float64 and q._frozen_weight.device == q.weight.device
+    assert "_frozen_weight" not in q.state_dict()
+
+
 def test_a_fresh_quant_linear_loads_every_part_a_calibrated_one_saved():
     torch.manual_seed(0)
     specs = QuantSpec(bits=4, granularity="group", group_size=16), QuantSpec(bits=4, granularity="group", group_size=16)

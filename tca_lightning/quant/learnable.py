@@ -97,4 +97,4 @@ class KronTransform(nn.Module):
         if f is None:
             return 0.0
         with torch.no_grad():
-            return max(float((r.t() @ r - torch.eye(len(r), dtype=r.dtype)).abs().max()) for r in f)
+            return max(float((r.t() @ r - torch.eye(len(r), dtype=r.dtype, device=r.device)).abs().max()) for r in f)

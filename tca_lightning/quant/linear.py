@@ -37,7 +37,9 @@ class QuantLinear(nn.Linear):
             self.register_buffer(buffer, None)
         self.clip_logit: nn.Parameter | None = None  # learnable weight clipping (per output channel)
         self.transform: nn.Module | None = None  # a learnable input transform (ARC), applied after smooth/rotation/perm
-        self._frozen_weight: torch.Tensor | None = None
+        # a buffer (not persistent) so that module.to(device) moves it with the weight: Lightning moves the
+        # model to the GPU after setup() has calibrated and frozen it
+        self.register_buffer("_frozen_weight", None, persistent=False)
         self._check_groups()
 
     @classmethod
