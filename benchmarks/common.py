@@ -70,18 +70,26 @@ def accelerator_of(row: dict) -> str:
     return args[args.index("--trainer.accelerator") + 1] if "--trainer.accelerator" in args else "cpu"
 
 
-def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], bool]) -> list[dict]:
+def row_identity(row: dict) -> tuple:
+    return row.get("model"), row.get("method"), row.get("variant"), row.get("wbits"), row.get("abits"), row.get("seed")
+
+
+def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], bool], defaults: str = "") -> list[dict]:
     """Finished rows in ``save_dir/done`` from earlier invocations (e.g. on another machine) that ``keep``
-    accepts and that the current rows do not replace (same model, method and bits), so a table can be
-    filled piecewise; each row's ``device`` says where it ran."""
-    ident = lambda r: (r.get("model"), r.get("method"), r.get("wbits"), r.get("abits"))  # noqa: E731
-    have = {ident(r) for r in current}
+    accepts, made under the same ``defaults`` (see run_many), and that the current rows do not replace
+    (same model, method, variant, bits, seed), so a table can be filled piecewise; ``accelerator_of``
+    says where each ran."""
+    have = {row_identity(r) for r in current}
     found = {}
     for path in sorted((save_dir / "done").glob("*.json")):
         row = json.loads(path.read_text())
-        if ident(row) not in have and keep(row):
-            found.setdefault(ident(row), row)
+        if row.get("defaults", "") == defaults_tag(defaults) and row_identity(row) not in have and keep(row):
+            found.setdefault(row_identity(row), row)
     return list(found.values())
+
+
+def defaults_tag(defaults: str) -> str:
+    return hashlib.sha256(defaults.encode()).hexdigest()[:12] if defaults else ""
 
 
 def threads_per_job(jobs: int) -> int:
@@ -89,13 +97,15 @@ def threads_per_job(jobs: int) -> int:
 
 
 def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
-             on_done: Callable[[list[dict]], None] | None = None, fresh: bool = False) -> list[dict]:
+             on_done: Callable[[list[dict]], None] | None = None, fresh: bool = False,
+             defaults: str = "") -> list[dict]:
     """Runs (model, overrides, extra row fields[, subcommand]) ``jobs`` at a time, each on
     cpu_count/jobs threads (subcommand: ``test`` unless given, e.g. ``fit`` for TCA-DiT).
 
     A finished run's row is kept in ``save_dir/done/<key>.json`` (key: model weights, overrides) and
     not run again, so a multi-hour table resumes after an interruption (``fresh`` ignores them; so
-    should anyone who changed a method's code). ``on_done`` gets the rows
+    should anyone who changed a method's code). ``defaults`` (e.g. a config's text and a method's default
+    settings) joins the key, so changing what the overrides leave implicit reruns the rows. ``on_done`` gets the rows
     finished so far (in ``runs`` order) after each run, to write partial tables. A run that fails
     is reported on stderr and left out of the rows (the others go on); rerunning retries it.
     """
@@ -107,7 +117,7 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
 
     def key(model: str, overrides: list[str], subcommand: str) -> str:
         blob = json.dumps([model, fingerprints.get(model, ""), overrides]
-                          + ([subcommand] if subcommand != "test" else []))
+                          + ([subcommand] if subcommand != "test" else []) + ([defaults] if defaults else []))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def one(model: str, overrides: list[str], extra: dict, subcommand: str = "test") -> dict:
@@ -119,7 +129,7 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
         except (subprocess.CalledProcessError, ValueError) as err:  # ValueError: no single metrics.json
             print(f"FAILED {model} {' '.join(overrides)} ({subcommand}): {err}", file=sys.stderr, flush=True)
             return None
-        row = {**metrics, **extra, "command": command}
+        row = {**metrics, **extra, "command": command, **({"defaults": defaults_tag(defaults)} if defaults else {})}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(row, indent=2))
         os.replace(tmp, path)

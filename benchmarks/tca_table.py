@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 
-from common import CONFIGS, ROOT, machine, now, run_many, threads_per_job, write_tables
+from common import CONFIGS, ROOT, accelerator_of, earlier_rows, machine, now, run_many, threads_per_job, write_tables
 
 A = "--model.init_args.arc."
 ABLATIONS = {
@@ -30,14 +30,22 @@ ABLATIONS = {
     "uniform-K (d)": ["--data.init_args.selection=uniform"],
     "all-T (d)": ["--data.init_args.selection=all"],
 }
-COLUMNS = ("model", "method", "variant", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
+TUNING = {  # how the defaults were chosen (run with --variants; not part of the default table)
+    "align-0.01": [A + "lambda_align=0.01"],
+    "align-0.03": [A + "lambda_align=0.03"],
+    "scale-ones": [A + "scale_init=ones"],
+    "align-0.01 scale-ones": [A + "lambda_align=0.01", A + "scale_init=ones"],
+    "no-align scale-ones": [A + "lambda_align=0.0", A + "scale_init=ones"],
+    "lr-1e-3": [A + "lr=0.001"],
+}
+COLUMNS = ("model", "method", "variant", "device", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
            "calib_seconds", "calib_groups", "sampling_seconds", "peak_rss_mb")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    parser.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=[*ABLATIONS, *TUNING])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds of the main W4A4 rows")
     parser.add_argument("--accelerator", default=None, help="e.g. gpu on a lent GPU machine (configs say cpu)")
     parser.add_argument("--jobs", type=int, default=1)
@@ -58,22 +66,37 @@ def main() -> None:
             runs.append((model, common + ["--model.init_args.recipe.abits=8"], {"variant": "tca-dit"}, "fit"))
         for variant in args.variants:
             if variant != "tca-dit":
-                runs.append((model, common + ABLATIONS[variant], {"variant": variant}, "fit"))
+                runs.append((model, common + {**ABLATIONS, **TUNING}[variant], {"variant": variant}, "fit"))
     name = "tca_table_quick" if args.quick else "tca_table"
     start = time.time()
     header = {"date": now(), "machine": machine(threads_per_job(args.jobs), args.accelerator),
               "invocation": "python benchmarks/tca_table.py " + " ".join(sys.argv[1:])}
 
+    from tca_lightning.arc import ARCConfig
+
+    # rows depend on what the overrides leave implicit: ARC's defaults and the configs
+    defaults = repr(ARCConfig()) + "".join((ROOT / c).read_text() for c in CONFIGS.values())
+    save_dir = ROOT / "runs" / name
+
+    def same_budget(row: dict) -> bool:
+        command = row.get("command", "") + " "
+        return (row.get("num_samples") == samples and row.get("steps") == steps and "variant" in row
+                and f"calibration.num_conditions {calib_n} " in command and f"calibration.num_steps {calib_t} " in command)
+
     def write(rows: list[dict]) -> str:
+        finished = len(rows)
+        rows = [*rows, *earlier_rows(save_dir, rows, same_budget, defaults)]  # other invocations' rows
+        rows = [{**r, "device": accelerator_of(r)} for r in rows]
         wall = round(time.time() - start, 1)
         notes = [f"{samples} samples, {steps} sampler steps; calibration {calib_n} conditions x {calib_t} steps "
                  "(the baselines' budget, benchmarks/ptq_table.py); W4A4/W4A8 in groups of 32, embedders and final "
                  "layer W8A8", "psnr/mse vs the FP model on identical noise; FID/KID vs the 500 held-out digits",
-                 f"{len(rows)} of {len(runs)} runs finished", f"wall time of this invocation: {wall} s"]
+                 f"{len(rows)} rows; this invocation finished {finished} of its {len(runs)} runs",
+                 "device: where each row ran", f"wall time of this invocation: {wall} s"]
         return write_tables(name, "TCA-DiT and its ablations on the tiny models", {**header, "wall_seconds": wall},
                             rows, COLUMNS, notes)
 
-    rows = run_many(runs, ROOT / "runs" / name, args.jobs, on_done=write, fresh=args.fresh)
+    rows = run_many(runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, defaults=defaults)
     print(write(rows))
 
 

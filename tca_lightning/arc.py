@@ -57,6 +57,8 @@ class ARCConfig:
     """Learn per-channel scales (False: rotations only, ablation (c))."""
     rotation_init: str = "hadamard"
     """``hadamard`` (randomized) or ``identity``."""
+    scale_init: str = "smoothquant"
+    """``smoothquant`` (SmoothQuant's rule over all calibration timesteps, alpha ``smooth_alpha``) or ``ones``."""
     smooth_alpha: float = 0.5
     """SmoothQuant alpha of the scale initialization."""
     weight_clipping: bool = False
@@ -67,6 +69,12 @@ class ARCConfig:
     scale, since no block reconstruction sees them."""
     seed: int = 0
     """Seed of the randomized Hadamard initialization."""
+
+    def __post_init__(self):
+        if self.scale_init not in ("smoothquant", "ones"):
+            raise ValueError(f"arc.scale_init must be 'smoothquant' or 'ones', got {self.scale_init!r}")
+        if self.rotation_init not in ("hadamard", "identity"):
+            raise ValueError(f"arc.rotation_init must be 'hadamard' or 'identity', got {self.rotation_init!r}")
 
 
 # Checkpoints keep the config dataclasses in their hyperparameters; torch.load(weights_only=True), Lightning's
@@ -158,15 +166,16 @@ class ARC(DiffusionEvaluator):
             first = self.qlinears[group[0]]
             if first.role not in self.arc.roles or not first.act_spec.enabled:
                 continue
-            init_scale = None
+            smooth = None
             if self.arc.scale and stats is not None and group[0] in stats.absmax:
                 weight = torch.cat([self.qlinears[n].weight for n in group])
-                init_scale = smoothquant_scales(stats.absmax[group[0]].amax(0), weight, self.arc.smooth_alpha)
+                smooth = smoothquant_scales(stats.absmax[group[0]].amax(0), weight, self.arc.smooth_alpha)
             if first.block is None:  # outside every block: no reconstruction loss sees it, keep it fixed
-                if init_scale is not None:
+                if smooth is not None:
                     for n in group:
-                        self.qlinears[n].set_transform(smooth=init_scale)
+                        self.qlinears[n].set_transform(smooth=smooth)
                 continue
+            init_scale = smooth if self.arc.scale_init == "smoothquant" else None
             transform = KronTransform(first.in_features, rotate=self.arc.rotate, scale=self.arc.scale,
                                       init_scale=init_scale, init=self.arc.rotation_init, seed=self.arc.seed + i,
                                       learnable_rotation=self.arc.learn_rotation)

@@ -110,3 +110,19 @@ def test_bake_turns_learned_transforms_into_exact_fixed_buffers(tmp_path):
         q = baked[0]
         q.transform = next(iter(module.transforms.values()))
         module.bake()
+
+
+def test_scale_init_picks_smoothquant_or_ones_and_rejects_anything_else(tmp_path):
+    from tca_lightning.data.calibration import LinearStats
+
+    module = _module(tmp_path, scale_init="ones")
+    names = [r.name for r in module.adapter.linears()]
+    stats = LinearStats(torch.arange(3), absmax={n: torch.rand(3, r.module.in_features) * 10 + 1
+                                                 for n, r in zip(names, module.adapter.linears())})
+    module.build(stats)
+    assert all(torch.equal(t.log_scale, torch.zeros_like(t.log_scale)) for t in module.transforms.values())
+    smooth = _module(tmp_path)
+    smooth.build(stats)
+    assert not any(torch.equal(t.log_scale, torch.zeros_like(t.log_scale)) for t in smooth.transforms.values())
+    with pytest.raises(ValueError, match="scale_init must be 'smoothquant' or 'ones'"):
+        ARCConfig(scale_init="unit")

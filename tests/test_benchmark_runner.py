@@ -79,3 +79,27 @@ def test_a_failing_run_is_reported_and_skipped_then_retried(common, tmp_path, mo
     rows = common.run_many(RUNS, tmp_path)
     assert [r["value"] for r in rows] == [2, 2, 1] and common.calls[-1][0] == "tiny-pixart"  # only it reran
     assert len(common.calls) == 3
+
+
+def test_rows_another_invocation_finished_fill_a_table_without_replacing_the_current_ones(common, tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    gpu = {"model": "tiny-dit", "method": "gptq", "wbits": 4, "abits": 4, "psnr_vs_fp": 20.0,
+           "command": "python -m tca_lightning test --trainer.accelerator gpu --x"}
+    (done / "a.json").write_text(json.dumps(gpu))
+    (done / "b.json").write_text(json.dumps({**gpu, "method": "rtn", "psnr_vs_fp": 19.0}))
+    (done / "c.json").write_text(json.dumps({**gpu, "method": "svdquant", "wbits": 8}))
+    current = [{**gpu, "psnr_vs_fp": 21.0, "command": "python -m tca_lightning test --x"}]
+    rows = common.earlier_rows(tmp_path, current, keep=lambda r: r["wbits"] == 4)
+    assert [(r["method"], r["psnr_vs_fp"]) for r in rows] == [("rtn", 19.0)]  # gptq is current; W8 not kept
+    assert common.accelerator_of(rows[0]) == "gpu" and common.accelerator_of(current[0]) == "cpu"
+
+
+def test_changed_defaults_rerun_rows_and_hide_the_old_ones(common, tmp_path):
+    common.run_many(RUNS[:1], tmp_path, defaults="lambda 0.1")
+    common.run_many(RUNS[:1], tmp_path, defaults="lambda 0.1")
+    assert len(common.calls) == 1
+    rows = common.run_many(RUNS[:1], tmp_path, defaults="lambda 0.01")
+    assert len(common.calls) == 2  # what the overrides leave implicit changed: the row is redone
+    assert common.earlier_rows(tmp_path, [], keep=lambda r: True, defaults="lambda 0.01") == rows
+    assert common.earlier_rows(tmp_path, rows, keep=lambda r: True, defaults="lambda 0.01") == []
