@@ -37,6 +37,8 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "align-0.01 scale-ones": [A + "lambda_align=0.01", A + "scale_init=ones"],
     "no-align scale-ones": [A + "lambda_align=0.0", A + "scale_init=ones"],
     "lr-1e-3": [A + "lr=0.001"],
+    "fp-weights": [A + "fake_quant_weights=false"],
+    "no-align fp-weights": [A + "lambda_align=0.0", A + "fake_quant_weights=false"],
 }
 COLUMNS = ("model", "method", "variant", "device", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
            "calib_seconds", "calib_groups", "sampling_seconds", "peak_rss_mb")

@@ -25,6 +25,7 @@ folds s into the adaLN modulation / to_v and the per-head parts where exact (RGQ
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ class ARCConfig:
     """SmoothQuant alpha of the scale initialization."""
     weight_clipping: bool = False
     """Learn per-output-channel weight clipping (OmniQuant LWC)."""
+    fake_quant_weights: bool = True
+    """Quantize the weights inside the blocks while learning (False: learn against activation
+    quantization alone and leave the weights' error to the finalize step's GPTQ; bake() restores them)."""
     roles: tuple[str, ...] = ROLES
     """Roles whose inputs get a transform. Inputs inside the transformer blocks get a learned one;
     the rest (PixArt's adaLN-single and caption projection, the final layer) a fixed SmoothQuant
@@ -182,6 +186,12 @@ class ARC(DiffusionEvaluator):
             self.transforms[group[0].replace(".", "__")] = transform
             for n in group:
                 self.qlinears[n].set_learnable_transform(transform)
+        self._weight_specs = {}
+        if not self.arc.fake_quant_weights:
+            for name, q in self.qlinears.items():
+                if q.weight_spec.enabled and q.block is not None:
+                    self._weight_specs[name] = q.weight_spec
+                    q.set_specs(weight_spec=dataclasses.replace(q.weight_spec, bits=16))
         if self.arc.weight_clipping:
             for q in self.qlinears.values():
                 if q.weight_spec.enabled and q.block is not None:
@@ -310,6 +320,9 @@ class ARC(DiffusionEvaluator):
                 raise ValueError(f"{name} already has a fixed smooth/rotation: bake() would compose them silently")
             q.transform = None
             q.set_transform(smooth=t.scale(), rotation=t.rotation_matrix())
+        for name, spec in getattr(self, "_weight_specs", {}).items():
+            self.qlinears[name].set_specs(weight_spec=spec)  # learned with FP weights: quantize them now
+        self._weight_specs = {}
 
     def on_test_start(self) -> None:
         if self._built:

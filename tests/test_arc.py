@@ -126,3 +126,16 @@ def test_scale_init_picks_smoothquant_or_ones_and_rejects_anything_else(tmp_path
     assert not any(torch.equal(t.log_scale, torch.zeros_like(t.log_scale)) for t in smooth.transforms.values())
     with pytest.raises(ValueError, match="scale_init must be 'smoothquant' or 'ones'"):
         ARCConfig(scale_init="unit")
+
+
+def test_learning_against_fp_weights_quantizes_them_at_bake(tmp_path):
+    usual = _module(tmp_path)
+    usual.build(None)
+    module = _module(tmp_path, fake_quant_weights=False)
+    module.build(None)
+    inside = [n for n, q in module.qlinears.items() if q.block is not None]
+    assert inside and all(not module.qlinears[n].weight_spec.enabled for n in inside)
+    assert all(q.weight_spec == usual.qlinears[n].weight_spec  # no block loss sees them: quantized throughout
+               for n, q in module.qlinears.items() if q.block is None)
+    module.bake()
+    assert all(q.weight_spec == usual.qlinears[n].weight_spec for n, q in module.qlinears.items())
