@@ -39,6 +39,8 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "lr-1e-3": [A + "lr=0.001"],
     "fp-weights": [A + "fake_quant_weights=false"],
     "no-align fp-weights": [A + "lambda_align=0.0", A + "fake_quant_weights=false"],
+    "epochs-16": ["--trainer.max_epochs=16"],
+    "no-align epochs-16": [A + "lambda_align=0.0", "--trainer.max_epochs=16"],
 }
 COLUMNS = ("model", "method", "variant", "device", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
            "calib_seconds", "calib_groups", "sampling_seconds", "peak_rss_mb")
