@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(ABLATIONS), choices=[*ABLATIONS, *TUNING])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="sampling seeds of the main W4A4 rows")
     parser.add_argument("--accelerator", default=None, help="e.g. gpu on a lent GPU machine (configs say cpu)")
+    parser.add_argument("--w4a8", action=argparse.BooleanOptionalAction, default=True,
+                        help="the W4A8 row of each model (full budget only)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -66,7 +68,7 @@ def main() -> None:
         for seed in args.seeds:
             runs.append((model, common + ["--model.init_args.sampler.seed", str(seed)],
                          {"variant": "tca-dit"}, "fit"))
-        if not args.quick:
+        if not args.quick and args.w4a8:
             runs.append((model, common + ["--model.init_args.recipe.abits=8"], {"variant": "tca-dit"}, "fit"))
         for variant in args.variants:
             if variant != "tca-dit":

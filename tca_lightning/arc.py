@@ -17,8 +17,8 @@ output is mostly its input passed through, so ||Block(X)||^2 would make every bl
 error ~1e-4 and let the alignment term dominate (measured on tiny-dit); the update norm puts
 every block on the same scale. One optimizer over all transform parameters (and learnable weight clipping when enabled), so
 one ordinary ``Trainer.fit`` does it and DDP all-reduces the gradients for free. Rotations are
-initialized from a randomized Hadamard (or identity), scales from SmoothQuant's rule over all
-calibration timesteps. In this fake-quant stage every T is applied online; the finalize step
+initialized from a randomized Hadamard (or identity), scales from ones (or SmoothQuant's rule over all
+calibration timesteps). In this fake-quant stage every T is applied online; the finalize step
 folds s into the adaLN modulation / to_v and the per-head parts where exact (RGQ, export).
 """
 
@@ -48,8 +48,9 @@ class ARCConfig:
 
     lr: float = 5e-3
     """Learning rate of the transform parameters (AdamW)."""
-    lambda_align: float = 0.1
-    """Weight of the anomaly-alignment loss (0 disables it: ablation (a))."""
+    lambda_align: float = 0.01
+    """Weight of the anomaly-alignment loss (0 disables it: ablation (a)). 0.01 with ``scale_init=ones``:
+    best mean PSNR of the quick-budget sweep (benchmarks/results/arc_tuning_quick.md); at 0.1 it hurt."""
     rotate: bool = True
     """Learn Kronecker-factored rotations (False: scales only)."""
     learn_rotation: bool = True
@@ -58,8 +59,10 @@ class ARCConfig:
     """Learn per-channel scales (False: rotations only, ablation (c))."""
     rotation_init: str = "hadamard"
     """``hadamard`` (randomized) or ``identity``."""
-    scale_init: str = "smoothquant"
-    """``smoothquant`` (SmoothQuant's rule over all calibration timesteps, alpha ``smooth_alpha``) or ``ones``."""
+    scale_init: str = "ones"
+    """``ones``, or ``smoothquant`` (SmoothQuant's rule over all calibration timesteps, alpha ``smooth_alpha``).
+    From ones the scales are shaped by the reconstruction and alignment losses alone; SmoothQuant's
+    start already flattens the profiles, and the alignment loss then fights the reconstruction."""
     smooth_alpha: float = 0.5
     """SmoothQuant alpha of the scale initialization."""
     weight_clipping: bool = False

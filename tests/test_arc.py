@@ -121,7 +121,7 @@ def test_scale_init_picks_smoothquant_or_ones_and_rejects_anything_else(tmp_path
                                                  for n, r in zip(names, module.adapter.linears())})
     module.build(stats)
     assert all(torch.equal(t.log_scale, torch.zeros_like(t.log_scale)) for t in module.transforms.values())
-    smooth = _module(tmp_path)
+    smooth = _module(tmp_path, scale_init="smoothquant")
     smooth.build(stats)
     assert not any(torch.equal(t.log_scale, torch.zeros_like(t.log_scale)) for t in smooth.transforms.values())
     with pytest.raises(ValueError, match="scale_init must be 'smoothquant' or 'ones'"):
