@@ -98,14 +98,16 @@ def threads_per_job(jobs: int) -> int:
 
 def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
              on_done: Callable[[list[dict]], None] | None = None, fresh: bool = False,
-             defaults: str = "") -> list[dict]:
+             defaults: str = "", provenance: dict | None = None) -> list[dict]:
     """Runs (model, overrides, extra row fields[, subcommand]) ``jobs`` at a time, each on
     cpu_count/jobs threads (subcommand: ``test`` unless given, e.g. ``fit`` for TCA-DiT).
 
     A finished run's row is kept in ``save_dir/done/<key>.json`` (key: model weights, overrides) and
     not run again, so a multi-hour table resumes after an interruption (``fresh`` ignores them; so
     should anyone who changed a method's code). ``defaults`` (e.g. a config's text and a method's default
-    settings) joins the key, so changing what the overrides leave implicit reruns the rows. ``on_done`` gets the rows
+    settings) joins the key, so changing what the overrides leave implicit reruns the rows.
+    ``provenance`` (invocation, machine, date) is stored in each new row, so a table that merges rows
+    of several invocations (``earlier_rows``) can say where each came from. ``on_done`` gets the rows
     finished so far (in ``runs`` order) after each run, to write partial tables. A run that fails
     is reported on stderr and left out of the rows (the others go on); rerunning retries it.
     """
@@ -129,7 +131,8 @@ def run_many(runs: list[tuple], save_dir: Path, jobs: int = 1,
         except (subprocess.CalledProcessError, ValueError) as err:  # ValueError: no single metrics.json
             print(f"FAILED {model} {' '.join(overrides)} ({subcommand}): {err}", file=sys.stderr, flush=True)
             return None
-        row = {**metrics, **extra, "command": command, **({"defaults": defaults_tag(defaults)} if defaults else {})}
+        row = {**metrics, **extra, "command": command, **({"defaults": defaults_tag(defaults)} if defaults else {}),
+               **(provenance or {})}
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(row, indent=2))
         os.replace(tmp, path)
@@ -161,6 +164,14 @@ def write_tables(name: str, title: str, header: dict, rows: list[dict], columns:
              f"- machine: {header['machine']}", *[f"- {n}" for n in notes], "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    sources: dict[tuple, int] = {}
+    for r in rows:
+        if "invocation" in r:
+            sources[(r["invocation"], r.get("machine", "?"), r.get("date", "?"))] = \
+                sources.get((r["invocation"], r.get("machine", "?"), r.get("date", "?")), 0) + 1
+    if sources:  # rows several invocations (machines) finished
+        lines += ["", "Rows by invocation:", ""] + [f"- {n} rows: `{inv}` on {machine}, {date}"
+                                                   for (inv, machine, date), n in sources.items()]
     lines += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in rows if "command" in r]
     markdown = "\n".join(lines) + "\n"
     (RESULTS / f"{name}.md").write_text(markdown)

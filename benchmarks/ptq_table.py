@@ -103,7 +103,7 @@ def main() -> None:
         return write_tables(name, "DiT PTQ baselines on the tiny models", {**header, "wall_seconds": wall}, rows,
                             COLUMNS, notes)
 
-    fp_rows = run_many(fp_runs, save_dir, args.jobs, on_done=write, fresh=args.fresh)  # fills the reference cache
+    fp_rows = run_many(fp_runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, provenance=header)  # fills the reference cache
 
     printed: set[int] = set()
 
@@ -115,7 +115,7 @@ def main() -> None:
               f"cond_acc {last['cond_acc']:.3f}", flush=True)
         write(rows, fp_rows)
 
-    rows = run_many(quant_runs, save_dir, args.jobs, on_done=progress, fresh=args.fresh)
+    rows = run_many(quant_runs, save_dir, args.jobs, on_done=progress, fresh=args.fresh, provenance=header)
     print(write(rows, fp_rows))
 
 

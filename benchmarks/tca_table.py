@@ -102,7 +102,7 @@ def main() -> None:
         return write_tables(name, "TCA-DiT and its ablations on the tiny models", {**header, "wall_seconds": wall},
                             rows, COLUMNS, notes)
 
-    rows = run_many(runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, defaults=defaults)
+    rows = run_many(runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, defaults=defaults, provenance=header)
     print(write(rows))
 
 

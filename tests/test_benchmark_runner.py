@@ -103,3 +103,13 @@ def test_changed_defaults_rerun_rows_and_hide_the_old_ones(common, tmp_path):
     assert len(common.calls) == 2  # what the overrides leave implicit changed: the row is redone
     assert common.earlier_rows(tmp_path, [], keep=lambda r: True, defaults="lambda 0.01") == rows
     assert common.earlier_rows(tmp_path, rows, keep=lambda r: True, defaults="lambda 0.01") == []
+
+
+def test_rows_remember_the_invocation_that_made_them(common, tmp_path, monkeypatch):
+    made_by = {"invocation": "python benchmarks/ptq_table.py --accelerator gpu", "machine": "H100", "date": "today"}
+    common.run_many(RUNS[:1], tmp_path, provenance=made_by)
+    rows = common.run_many(RUNS[:1], tmp_path, provenance={"invocation": "later", "machine": "CPU", "date": "later"})
+    assert {k: rows[0][k] for k in made_by} == made_by  # a resumed row keeps where it was made
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    markdown = common.write_tables("t", "T", {"invocation": "x", "date": "d", "machine": "m"}, rows, ("model",))
+    assert "1 rows: `python benchmarks/ptq_table.py --accelerator gpu` on H100, today" in markdown
