@@ -9,8 +9,10 @@ On fit end, for the ARC module being fit:
 4. GPTQ (methods/gptq.py) on every quantized weight in that basis, against the same ATG-weighted
    Hessian: error feedback for the 4-bit weights, visiting columns in decreasing energy (act-order);
 5. a checkpoint of the finalized module (``checkpoints/finalized.ckpt``), which ``test --ckpt_path``
-   evaluates exactly as fit's own evaluation did.
-Packing INT4 weights for the integer kernels builds on this (issue 5).
+   evaluates exactly as fit's own evaluation did;
+6. the packed checkpoint (``quantized/``: INT4 codes two per byte, FP16 group scales, safetensors + JSON,
+   written atomically by :func:`tca_lightning.export.save_quantized`), which ``tca_lightning.load_quantized``
+   runs on the integer kernels and ``test --model.init_args.quantized <run_dir>/quantized`` evaluates.
 """
 
 from __future__ import annotations
@@ -22,21 +24,27 @@ import lightning as L
 import torch
 
 from tca_lightning.data.calibration import collect_linear_stats
+from tca_lightning.export import save_quantized
 from tca_lightning.methods.gptq import GPTQ
 from tca_lightning.quant.rgq import magnitude_order
 from tca_lightning.quant.transforms import transform_gram
 
 
+PACKED_DIR = "quantized"  # <run_dir>/quantized: the packed checkpoint
+
+
 class Finalize(L.Callback):
-    def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True):
+    def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True,
+                 pack: bool = True):
         """
         Args:
             rgq: reorder channels by calibrated magnitude before group quantization.
             gptq: quantize weights with GPTQ (else round-to-nearest on the recipe's grid).
             percdamp: GPTQ's Hessian dampening (fraction of the mean diagonal).
             save: write ``checkpoints/finalized.ckpt`` in the run directory.
+            pack: write the packed INT4 checkpoint ``quantized/`` in the run directory (rank 0).
         """
-        self.rgq, self.gptq, self.percdamp, self.save = rgq, gptq, percdamp, save
+        self.rgq, self.gptq, self.percdamp, self.save, self.pack = rgq, gptq, percdamp, save, pack
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not hasattr(module, "bake") or getattr(module, "finalized", False):
@@ -55,9 +63,16 @@ class Finalize(L.Callback):
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
         record.update(rgq=self.rgq, gptq=self.gptq)
+        if not (self.save or self.pack):
+            return
+        run_dir = module.run_dir()  # on every rank: under DDP it is a collective
         if self.save:
-            path = module.run_dir() / "checkpoints" / "finalized.ckpt"  # run_dir on every rank: a collective
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(run_dir / "checkpoints" / "finalized.ckpt")
+        if self.pack:
+            record["packed_checkpoint"] = str(run_dir / PACKED_DIR)
+        if self.pack and trainer.is_global_zero:
+            save_quantized(module, run_dir / PACKED_DIR, module.recipe, module.hparams.model,
+                           method=module.record_overrides().get("method", "tca-dit"))
 
     @staticmethod
     @torch.no_grad()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +31,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from tca_lightning.data.calibration import weights_digest
 from tca_lightning.data.conditions import batch_condition
-from tca_lightning.methods.base import QuantMethod
+from tca_lightning.methods.base import QuantMethod, QuantRecipe
 from tca_lightning.models.adapters import DiffusionAdapter, get_adapter
 from tca_lightning.models.classifier import ClassifierLogits
 from tca_lightning.models.loading import load_classifier, load_model
@@ -38,6 +39,18 @@ from tca_lightning.models.samplers import SamplerConfig, decode, sample
 from tca_lightning.ptq import CalibrationConfig, quantize_model
 
 REAL_SETS = ("mnist-heldout", "mnist-train")
+
+
+class PackedCheckpoint(QuantMethod):
+    """What ``quantized=PATH`` evaluates: a packed checkpoint's method and recipe, nothing to calibrate.
+
+    Held as the evaluator's ``quantization`` so every subclass (ARC) that asks "is a quantized model
+    evaluated?" through ``self.quantization`` sees one, and compares it with the FP reference."""
+
+    def __init__(self, path: str, config: dict):
+        recipe = config.get("recipe")
+        super().__init__(QuantRecipe(**recipe) if isinstance(recipe, dict) else QuantRecipe())
+        self.name, self.path, self.config = config.get("method") or "packed", str(path), config
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
@@ -189,6 +202,7 @@ class DiffusionEvaluator(L.LightningModule):
         reference_cache: str | None = "cache/reference",
         quantization: QuantMethod | None = None,
         calibration: CalibrationConfig = CalibrationConfig(),
+        quantized: str | None = None,
     ):
         """
         Args:
@@ -208,6 +222,9 @@ class DiffusionEvaluator(L.LightningModule):
             quantization: a method (tca_lightning.methods.*) to calibrate and apply before sampling;
                 the FP model then becomes the PSNR/MSE reference unless ``reference`` is given.
             calibration: the calibration budget shared by all methods.
+            quantized: a packed checkpoint from Finalize/save_quantized (e.g. runs/tiny_dit/version_0/quantized):
+                evaluate it with the integer kernels (tca_lightning.load_quantized) instead of ``model``, which
+                stays the FP reference for PSNR/MSE (use the model the checkpoint was made from).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -223,14 +240,33 @@ class DiffusionEvaluator(L.LightningModule):
             self.reference_model = ref.transformer.requires_grad_(False)
             self.reference_captions = ref.caption_encoder
         self.quantization = quantization
+        if quantized is not None:
+            self.quantization = self.packed_checkpoint(quantized, model, quantization)
         self.calibration = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)
         self._quant_record: dict = {}
         if quantization is not None and reference is None:
             self.reference_model = copy.deepcopy(self.transformer)
             self.reference_captions = self.caption_encoder
+        elif quantized is not None and reference is None:
+            # the FP model stays the reference: setup() rebinds self.transformer to the packed one, not this
+            self.reference_model, self.reference_captions = self.transformer, self.caption_encoder
         self.metrics = ImageMetrics(load_classifier(classifier), kid_subset_size)
         self._grid: list[torch.Tensor] = []
         self._sampling_seconds = 0.0
+
+    @staticmethod
+    def packed_checkpoint(path: str, model: str, quantization) -> PackedCheckpoint:
+        """Validate a ``quantized`` checkpoint up front (a wrong path fails before any sampling)."""
+        from tca_lightning.export import read_quantized_config
+
+        if quantization is not None:
+            raise ValueError("model.init_args.quantization (calibrate a method now) and model.init_args.quantized "
+                             "(evaluate a packed checkpoint) exclude each other: give one of them")
+        config = read_quantized_config(path)
+        if config.get("model") not in (None, model):
+            warnings.warn(f"the packed checkpoint {path} was made from {config.get('model')!r}, but model is "
+                          f"{model!r}: PSNR/MSE compare against {model!r} (pass the model it came from)", stacklevel=2)
+        return PackedCheckpoint(path, config)
 
     @property
     def adapter(self) -> DiffusionAdapter:
@@ -251,6 +287,9 @@ class DiffusionEvaluator(L.LightningModule):
         return decode(x0, self.vae)
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.quantization, PackedCheckpoint):
+            self.load_packed()
+            return
         if self.quantization is None or self._quant_record:
             return
         self.move_to_calibration_device()
@@ -264,6 +303,16 @@ class DiffusionEvaluator(L.LightningModule):
             names = pick_layers([(n, self.quantization_roles.get(n, "")) for n in stats.absmax])
             write_anomaly_heatmaps(stats.absmax, stats.timesteps, names, out_dir / "anomaly_heatmaps_fp.png",
                                    title=f"{self.hparams.model}: FP input absmax per timestep", logger=self.logger)
+
+    def load_packed(self) -> None:
+        """Swap the evaluated transformer for the packed checkpoint's (integer kernels); the FP one stays
+        the reference. Done in setup, after subclasses' __init__ copied the FP model (ARC's teacher)."""
+        if self._quant_record:
+            return
+        from tca_lightning.export import load_quantized
+
+        self.transformer = load_quantized(self.quantization.path, device=self.device)
+        self._quant_record = {"quantized": self.quantization.path}
 
     def move_to_calibration_device(self, adapter: DiffusionAdapter | None = None) -> None:
         """Lightning moves the module to its device only after setup(), where calibration runs: move the
@@ -284,8 +333,11 @@ class DiffusionEvaluator(L.LightningModule):
         """What metrics.json says about the quantization (method name and bits)."""
         if self.quantization is None:
             return {}
-        return {"method": self.quantization.name, "wbits": self.quantization.recipe.wbits,
-                "abits": self.quantization.recipe.abits}
+        record = {"method": self.quantization.name, "wbits": self.quantization.recipe.wbits,
+                  "abits": self.quantization.recipe.abits}
+        if isinstance(self.quantization, PackedCheckpoint):
+            record["kernels"] = "integer"
+        return record
 
     @property
     def quantization_roles(self) -> dict[str, str]:
