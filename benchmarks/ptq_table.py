@@ -3,6 +3,7 @@
     python benchmarks/ptq_table.py            # full: 1,000 samples, 50 steps, calibration 64 x 25
     python benchmarks/ptq_table.py --quick    # 64 samples, 20 steps, calibration 16 x 10, W4A4 only
     python benchmarks/ptq_table.py --jobs 2   # two runs side by side; rerun the same command to resume
+    python benchmarks/ptq_table.py --report   # the table of every row finished so far (any machine), running nothing
 
 Same seeds and noise for every row (sample i uses noise seed i), same recipe (bits, group size,
 per-role overrides), same calibration budget. psnr_vs_fp compares with the FP model's images
@@ -52,6 +53,8 @@ def main() -> None:
                         help="no FP rows (e.g. an earlier invocation has them); quantized rows then sample the FP "
                              "reference images themselves unless the reference cache has them")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the table from the rows finished so far (any machine)")
     args = parser.parse_args()
     samples, steps, calib_n, calib_t = (64, 20, 16, 10) if args.quick else (1000, 50, 64, 25)
     bits = args.bits or (["W4A4"] if args.quick else ["W4A4", "W4A8", "W8A8"])  # the separating setting first
@@ -73,7 +76,8 @@ def main() -> None:
                     ("act_granularity", "group"), ("group_size", args.group_size))]
                 quant_runs.append((model, common + calib + METHODS[method] + recipe, {"method": method}))
     start = time.time()
-    header = {"date": now(), "machine": machine(threads_per_job(args.jobs), args.accelerator),
+    header = {"date": now(), "machine": "none (--report: each row's machine is listed under 'Rows by invocation')"
+              if args.report else machine(threads_per_job(args.jobs), args.accelerator),
               "invocation": "python benchmarks/ptq_table.py " + " ".join(sys.argv[1:])}
     total = len(fp_runs) + len(quant_runs)
 
@@ -95,14 +99,17 @@ def main() -> None:
                  f"weights and activations quantized per group of {args.group_size} (activations dynamic per token)",
                  "embedders and final layer kept at W8A8 for every method (DEFAULT_ROLE_OVERRIDES), as DiT PTQ papers do",
                  "FID/KID vs the 500 held-out real digits on mnist-features; psnr/mse vs the FP model on identical noise",
-                 f"{len(rows)} rows; this invocation finished {finished} of its {total} runs"
-                 + ("" if finished == total else " (rerun the same command to resume)"),
+                 f"{len(rows)} rows" + ("" if args.report else f"; this invocation finished {finished} of its {total} runs"
+                                        + ("" if finished == total else " (rerun the same command to resume)")),
                  "device: where each row ran; rows finished by earlier invocations (another machine) are included, "
                  "each compared with the FP images sampled on its own device",
                  f"wall time of this invocation: {wall} s ({args.jobs} runs side by side)"]
         return write_tables(name, "DiT PTQ baselines on the tiny models", {**header, "wall_seconds": wall}, rows,
                             COLUMNS, notes)
 
+    if args.report:
+        print(write([]))
+        return
     fp_rows = run_many(fp_runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, provenance=header)  # fills the reference cache
 
     printed: set[int] = set()
