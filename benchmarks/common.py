@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import subprocess
+from collections import Counter
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -88,6 +89,15 @@ def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], boo
     return list(found.values())
 
 
+def at_budget(row: dict, samples: int, steps: int, calib_conditions: int, calib_steps: int) -> bool:
+    """Whether a finished row sampled ``samples`` x ``steps`` and calibrated on the given budget (its command
+    says), so tables merge only rows measured like their own."""
+    command = row.get("command", "") + " "
+    return (row.get("num_samples") == samples and row.get("steps") == steps
+            and f"calibration.num_conditions {calib_conditions} " in command
+            and f"calibration.num_steps {calib_steps} " in command)
+
+
 def defaults_tag(defaults: str) -> str:
     return hashlib.sha256(defaults.encode()).hexdigest()[:12] if defaults else ""
 
@@ -164,11 +174,7 @@ def write_tables(name: str, title: str, header: dict, rows: list[dict], columns:
              f"- machine: {header['machine']}", *[f"- {n}" for n in notes], "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    sources: dict[tuple, int] = {}
-    for r in rows:
-        if "invocation" in r:
-            sources[(r["invocation"], r.get("machine", "?"), r.get("date", "?"))] = \
-                sources.get((r["invocation"], r.get("machine", "?"), r.get("date", "?")), 0) + 1
+    sources = Counter((r["invocation"], r.get("machine", "?"), r.get("date", "?")) for r in rows if "invocation" in r)
     if sources:  # rows several invocations (machines) finished
         lines += ["", "Rows by invocation:", ""] + [f"- {n} rows: `{inv}` on {machine}, {date}"
                                                    for (inv, machine, date), n in sources.items()]

@@ -17,7 +17,7 @@ import argparse
 import sys
 import time
 
-from common import CONFIGS, ROOT, accelerator_of, earlier_rows, machine, now, run_many, threads_per_job, write_tables
+from common import CONFIGS, ROOT, accelerator_of, at_budget, earlier_rows, machine, now, run_many, threads_per_job, write_tables
 
 Q = "--model.init_args.quantization"
 METHODS = {  # row name -> CLI arguments selecting the method
@@ -82,11 +82,10 @@ def main() -> None:
     total = len(fp_runs) + len(quant_runs)
 
     def same_budget(row: dict) -> bool:
-        command = row.get("command", "") + " "
-        return (row.get("num_samples") == samples and row.get("steps") == steps and row.get("method") in ["fp", *METHODS]
-                and (row["method"] == "fp" or (f"calibration.num_conditions {calib_n} " in command
-                                               and f"calibration.num_steps {calib_t} " in command
-                                               and f"group_size={args.group_size} " in command)))
+        if row.get("method") == "fp":  # no calibration in its command
+            return row.get("num_samples") == samples and row.get("steps") == steps
+        return (row.get("method") in METHODS and at_budget(row, samples, steps, calib_n, calib_t)
+                and f"group_size={args.group_size} " in row["command"] + " ")
 
     def write(rows: list[dict], fp_rows: list[dict] = ()) -> str:
         rows = [*fp_rows, *rows]

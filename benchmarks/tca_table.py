@@ -19,7 +19,7 @@ import argparse
 import sys
 import time
 
-from common import CONFIGS, ROOT, accelerator_of, earlier_rows, machine, now, run_many, threads_per_job, write_tables
+from common import CONFIGS, ROOT, accelerator_of, at_budget, earlier_rows, machine, now, run_many, threads_per_job, write_tables
 
 A = "--model.init_args.arc."
 ABLATIONS = {
@@ -85,9 +85,7 @@ def main() -> None:
     save_dir = ROOT / "runs" / name
 
     def same_budget(row: dict) -> bool:
-        command = row.get("command", "") + " "
-        return (row.get("num_samples") == samples and row.get("steps") == steps and "variant" in row
-                and f"calibration.num_conditions {calib_n} " in command and f"calibration.num_steps {calib_t} " in command)
+        return "variant" in row and at_budget(row, samples, steps, calib_n, calib_t)
 
     def write(rows: list[dict]) -> str:
         finished = len(rows)

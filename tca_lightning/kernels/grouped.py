@@ -21,29 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from tca_lightning.kernels.reference import scale_and_sum
-from tca_lightning.quant.quantizers import QuantSpec, choose_qparams, quantize, to_groups
+from tca_lightning.kernels.reference import quantize_act_codes, scale_and_sum  # noqa: F401 (re-exported)
+from tca_lightning.quant.quantizers import to_groups
 
 FP32_EXACT_GROUP = 1024  # 128 * 128 * G < 2^24: every partial sum of products of int8 codes is exact in FP32
-
-
-def quantize_act_codes(x: torch.Tensor, bits: int, symmetric: bool,
-                       group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(M, K) float -> (signed int8 codes (M, K), FP32 scale (M, K/G), zero point (M, K/G) or None).
-
-    Dynamic per token per group, computed in FP32; asymmetric codes and zero points come shifted by
-    2^(bits-1) (see the module docstring), symmetric ones have no zero point.
-    """
-    if x.dim() != 2:
-        raise ValueError(f"activations must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
-    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
-    x32 = x.detach().float()
-    scale, zero = choose_qparams(x32, spec, name="activation")
-    codes = quantize(x32, scale, zero, spec, name="activation")
-    if symmetric:
-        return codes.to(torch.int8).reshape(x.shape), scale.squeeze(-1), None
-    shift = 2 ** (bits - 1)
-    return (codes - shift).to(torch.int8).reshape(x.shape), scale.squeeze(-1), (zero - shift).squeeze(-1)
 
 
 def group_code_sums(codes: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -79,18 +79,32 @@ def pack_weight_codes(codes: torch.Tensor, scale: torch.Tensor, group_size: int)
     return packed, scale32.to(torch.float16)
 
 
-def quantize_act_int4(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) activations -> (packed uint8 (M, K/2), FP32 scale (M, K/G)), dynamic per token per group.
+def quantize_act_codes(x: torch.Tensor, bits: int, symmetric: bool,
+                       group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(M, K) float -> (signed int8 codes (M, K), FP32 scale (M, K/G), zero point (M, K/G) or None).
 
-    Computed in FP32 (inputs upcast), the formula of ``fake_quant`` with ``int4_group_spec(G)``.
+    Dynamic per token per group, computed in FP32; asymmetric codes and zero points come shifted by
+    2^(bits-1) (see tca_lightning.kernels.grouped), symmetric ones have no zero point.
     """
-    _require_2d_float(x, "activation")
-    check_group_size(x.shape[1], group_size, "activation's in_features")
-    spec = int4_group_spec(group_size)
+    if x.dim() != 2:
+        raise ValueError(f"activations must be 2-D (tokens, in_features), got shape {tuple(x.shape)}")
+    spec = QuantSpec(bits=bits, symmetric=symmetric, granularity="group", group_size=group_size)
     x32 = x.detach().float()
     scale, zero = choose_qparams(x32, spec, name="activation")
     codes = quantize(x32, scale, zero, spec, name="activation")
-    return pack_int4(codes.to(torch.int8).reshape(x.shape), group_size), scale.squeeze(-1)
+    if symmetric:
+        return codes.to(torch.int8).reshape(x.shape), scale.squeeze(-1), None
+    shift = 2 ** (bits - 1)
+    return (codes - shift).to(torch.int8).reshape(x.shape), scale.squeeze(-1), (zero - shift).squeeze(-1)
+
+
+def quantize_act_int4(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) activations -> (packed uint8 (M, K/2), FP32 scale (M, K/G)), dynamic per token per group:
+    the symmetric 4-bit codes of :func:`quantize_act_codes`, packed."""
+    _require_2d_float(x, "activation")
+    check_group_size(x.shape[1], group_size, "activation's in_features")
+    codes, scale, _ = quantize_act_codes(x, 4, True, group_size)
+    return pack_int4(codes, group_size), scale
 
 
 def check_operands(a_packed: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
