@@ -6,6 +6,8 @@ bias, and the fixed input transform buffers (smooth, rotation, perm) that QuantL
 the same :func:`tca_lightning.quant.transforms.transform_input`. Its forward:
 
     x' = transform_input(x, smooth, rotation, perm)
+    per-channel weight and per-token activation (both groups span K) on CPU: one exact integer GEMM on
+        oneDNN (tca_lightning.kernels.onednn; the scales factor out of it), the prepacked weight cached;
     W4A4, symmetric activations, one group size: tca_lightning.kernels.w4a4_linear (Triton on CUDA,
         integer CPU path otherwise; activations quantized per token per group inside);
     other integer mixes (W8A8, W4A8, asymmetric activations, weight and activation groups of different
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tca_lightning.kernels import onednn
 from tca_lightning.kernels.grouped import (expand_groups, group_code_sums, int8_group_gemm, quantize_act_codes,
                                            zero_point_correction)
 from tca_lightning.kernels.reference import _to_fp16_scale
@@ -220,9 +223,30 @@ class PackedLinear(nn.Module):
             return False
         return device.type != "cuda" or (g >= 32 and g & (g - 1) == 0)  # the Triton kernels' group sizes
 
+    def _onednn_applies(self, device: torch.device) -> bool:
+        """Per-channel weight x per-token activation (the GEMM's one group spans K) on a CPU with oneDNN."""
+        return (device.type == "cpu" and self.weight_format != "float" and self.act_bits <= 8
+                and self.pack_group_size == self.in_features and onednn.onednn_available())
+
+    def _onednn_weight(self) -> "onednn.OnednnWeight":
+        """The prepacked weight, built on first use and cached (not a buffer: never saved, rebuilt on load)."""
+        key = (self.qweight.data_ptr(), self.qweight._version, self.weight_scale.data_ptr(), self.act_bits)
+        cached = getattr(self, "_onednn_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, onednn.prepack_weight(self.weight_codes(), self.weight_scale.float(), self.act_bits))
+            self._onednn_cache = cached
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_onednn_cache", None)  # an opaque oneDNN tensor: no storage to copy or pickle; rebuilt on use
+        return state
+
     def _integer_linear(self, x2: torch.Tensor) -> torch.Tensor:
         from tca_lightning import kernels
 
+        if self._onednn_applies(x2.device):
+            return onednn.onednn_linear(x2, self._onednn_weight(), self.act_symmetric, self.bias)
         g = self.pack_group_size
         fused = self.act_symmetric and self.act_bits == 4 and self.act_group_size == g  # w4a4_linear's own case
         if fused and self._int4_kernels_apply(x2.device):
