@@ -142,3 +142,39 @@ def test_group_layers_keep_the_group_kernels():
     q = QuantLinear.from_float(torch.nn.Linear(64, 8), QuantSpec(8, True, "group", 32), QuantSpec(8, False, "group", 32))
     q.freeze()
     assert not PackedLinear.from_quant_linear(q)._onednn_applies(torch.device("cpu"))
+
+
+# --- the benchmark scripts' helpers (benchmarks/memory.py, benchmarks/cpu_latency.py) -----------------
+
+@pytest.fixture
+def bench(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    import importlib
+
+    return importlib.import_module("memory"), importlib.import_module("cpu_latency")
+
+
+def test_memory_counts_the_packed_tiny_dit(bench):
+    memory, _ = bench
+    from tca_lightning.models.loading import load_model
+
+    assert memory.stored_bytes(torch.zeros(3, dtype=torch.float32)) == 6  # floats at FP16
+    assert memory.stored_bytes(torch.zeros(3, dtype=torch.uint8)) == 3
+    transformer = load_model("random:tiny-dit").transformer
+    fp16 = sum(memory.state_bytes(transformer).values())
+    packed = memory.pack_transformer(transformer, memory.repo_recipe())
+    assert packed and all(isinstance(p, PackedLinear) for p in packed.values())
+    assert all(isinstance(transformer.get_submodule(name), PackedLinear) for name in packed)
+    assert sum(memory.state_bytes(transformer).values()) < fp16 / 2
+    assert memory.owner_kind(transformer, next(iter(packed)) + ".qweight") == "PackedLinear.qweight"
+
+
+def test_latency_helpers(bench):
+    _, latency = bench
+    assert latency.ratios({"fp32_ms": 10.0, "bf16_ms": 40.0, "w4a4_g32_ms": 20.0})["w4a4_g32_vs_bf16"] == 2.0
+    assert latency.ratios({"fp32_ms": 10.0})["w8a8_onednn_vs_fp32"] is None
+    w = torch.randn(6, 40, generator=_gen(8))
+    codes, scale = latency.per_channel_codes(w, 8)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127 and scale.shape == (6,)
+    assert latency.onednn_exact(codes, torch.randn(70, 40, generator=_gen(9)), 8)
+    assert latency.median_ms(lambda: None, 3) >= 0
