@@ -4,6 +4,7 @@
     python benchmarks/tca_table.py --quick         # 64 samples, 20 steps, calibration 16 x 10, W4A4 only
     python benchmarks/tca_table.py --jobs 2        # two runs side by side; rerun the same command to resume
     python benchmarks/tca_table.py --seeds 0 1 2   # the main W4A4 rows on three sampling seeds (FID spread)
+    python benchmarks/tca_table.py --report        # the table of every row finished so far (any machine), running nothing
 
 Every row is ``python -m tca_lightning fit --config configs/<model>.yaml`` plus overrides: the same
 recipe (groups of 32, embedders and final layer W8A8), calibration budget (64 conditions x 25
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report", action="store_true",
+                        help="write the table from the rows finished so far (e.g. on a GPU machine), run nothing")
     args = parser.parse_args()
     samples, steps, calib_n, calib_t = (64, 20, 16, 10) if args.quick else (1000, 50, 64, 25)
     common = ["--data.init_args.num_samples", str(samples), "--model.init_args.sampler.num_steps", str(steps),
@@ -75,7 +78,8 @@ def main() -> None:
                 runs.append((model, common + {**ABLATIONS, **TUNING}[variant], {"variant": variant}, "fit"))
     name = "tca_table_quick" if args.quick else "tca_table"
     start = time.time()
-    header = {"date": now(), "machine": machine(threads_per_job(args.jobs), args.accelerator),
+    header = {"date": now(), "machine": "none (--report: each row's machine is listed under 'Rows by invocation')"
+              if args.report else machine(threads_per_job(args.jobs), args.accelerator),
               "invocation": "python benchmarks/tca_table.py " + " ".join(sys.argv[1:])}
 
     from tca_lightning.arc import ARCConfig
@@ -90,16 +94,22 @@ def main() -> None:
     def write(rows: list[dict]) -> str:
         finished = len(rows)
         rows = [*rows, *earlier_rows(save_dir, rows, same_budget, defaults)]  # other invocations' rows
-        rows = [{**r, "device": accelerator_of(r)} for r in rows]
+        order = [*ABLATIONS, *TUNING]
+        rows = sorted(({**r, "device": accelerator_of(r)} for r in rows), key=lambda r: (
+            r["model"], r.get("abits", 4), order.index(r["variant"]) if r["variant"] in order else len(order),
+            r.get("seed", 0)))
         wall = round(time.time() - start, 1)
         notes = [f"{samples} samples, {steps} sampler steps; calibration {calib_n} conditions x {calib_t} steps "
                  "(the baselines' budget, benchmarks/ptq_table.py); W4A4/W4A8 in groups of 32, embedders and final "
                  "layer W8A8", "psnr/mse vs the FP model on identical noise; FID/KID vs the 500 held-out digits",
-                 f"{len(rows)} rows; this invocation finished {finished} of its {len(runs)} runs",
+                 f"{len(rows)} rows" + ("" if args.report else f"; this invocation finished {finished} of its {len(runs)} runs"),
                  "device: where each row ran", f"wall time of this invocation: {wall} s"]
         return write_tables(name, "TCA-DiT and its ablations on the tiny models", {**header, "wall_seconds": wall},
                             rows, COLUMNS, notes)
 
+    if args.report:
+        print(write([]))
+        return
     rows = run_many(runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, defaults=defaults, provenance=header)
     print(write(rows))
 
