@@ -53,13 +53,19 @@ def test_the_packed_checkpoint_fit_wrote_evaluates_with_integer_kernels_like_the
     record, version_dir = fitted
     packed = version_dir / "quantized"
     assert (packed / "quantized.json").is_file() and (packed / "model.safetensors").is_file()
-    result = run_cli("test", *SMOKE_DIT, "--model.init_args.quantized", str(packed),
+    result = run_cli("test", *SMOKE_DIT, "--quantized", str(packed),  # the top-level shorthand
                      "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     again, _ = _metrics(tmp_path)
     assert again["kernels"] == "integer" and (again["wbits"], again["abits"]) == (4, 4)
     # FP16 scales are the only difference from the fake quant (tests/test_packed_checkpoint.py): within noise
     assert again["psnr_vs_fp"] == pytest.approx(record["psnr_vs_fp"], abs=0.5)
+
+
+def test_quantized_with_fit_is_a_clear_error(run_cli, tmp_path):
+    result = run_cli("fit", *SMOKE_DIT, "--quantized", str(tmp_path), "--trainer.logger.init_args.save_dir",
+                     str(tmp_path), timeout=120)
+    assert result.returncode != 0 and "use it with `test`" in result.stderr
 
 
 def test_ddp_on_two_cpu_processes(run_cli, tmp_path):

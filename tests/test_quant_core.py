@@ -225,3 +225,24 @@ def test_w8a8_quant_linear_is_close_and_w4a4_is_worse():
 def test_specs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         QuantSpec().bits = 4
+
+
+def test_fp16_scales_are_fp16_values_and_change_the_weight_by_at_most_half_an_ulp():
+    from tca_lightning.quant.quantizers import choose_qparams, fake_quant
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) * 0.05
+    spec32 = QuantSpec(bits=4, granularity="group", group_size=32)
+    spec16 = QuantSpec(bits=4, granularity="group", group_size=32, scale_dtype="float16")
+    s32, _ = choose_qparams(w, spec32)
+    s16, _ = choose_qparams(w, spec16)
+    assert torch.equal(s16, s16.half().float()) and not torch.equal(s16, s32)
+    assert bool(((s16 - s32).abs() <= 2.0**-11 * s32).all())
+    tiny, _ = choose_qparams(torch.full((1, 32), 1e-12), spec16)  # below FP16's range: floored, never 0
+    assert float(tiny.min()) == 2.0**-24
+    q16 = fake_quant(w, spec16)
+    assert bool(((q16 - fake_quant(w, spec32)).abs() <= 0.5 * s32.max() + 2.0**-11 * w.abs() * 2).all())
+
+
+def test_bad_scale_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="scale_dtype must be one of"):
+        QuantSpec(bits=4, scale_dtype="bfloat16")

@@ -18,9 +18,7 @@ from __future__ import annotations
 import torch
 
 from tca_lightning.quant.packing import check_group_size, pack_int4, unpack_int4
-from tca_lightning.quant.quantizers import QuantSpec, choose_qparams, quantize
-
-FP16_MIN_SUBNORMAL = 2.0**-24
+from tca_lightning.quant.quantizers import FP16_MIN_SUBNORMAL, QuantSpec, choose_qparams, quantize
 
 
 def int4_group_spec(group_size: int) -> QuantSpec:

@@ -37,6 +37,8 @@ class QuantRecipe:
     """Group size along the input dimension, shared by weights and activations."""
     act_symmetric: bool = False
     """Asymmetric activations by default (post-GELU and adaLN-modulated inputs are skewed)."""
+    weight_scale_dtype: str = "float16"
+    """Weight scales as the packed checkpoint stores them (FP16), so fake quant = the deployed model."""
     role_overrides: dict = field(default_factory=lambda: dict(DEFAULT_ROLE_OVERRIDES))
     """Per-role changes, e.g. {"embedders": {"wbits": 8, "abits": 8}, "adaln": {"abits": 16}, "final": {"skip": true}}."""
 
@@ -58,7 +60,7 @@ class QuantRecipe:
         wbits, abits = o.get("wbits", self.wbits), o.get("abits", self.abits)
         gs = o.get("group_size", self.group_size)
         w = QuantSpec(bits=wbits, symmetric=True, granularity=o.get("weight_granularity", self.weight_granularity),
-                      group_size=gs)
+                      group_size=gs, scale_dtype=self.weight_scale_dtype)
         a = QuantSpec(bits=abits, symmetric=self.act_symmetric,
                       granularity=o.get("act_granularity", self.act_granularity), group_size=gs)
         return w, a

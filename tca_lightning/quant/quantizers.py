@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
+SCALE_DTYPES = ("float32", "float16")
+FP16_MIN_SUBNORMAL = 2.0**-24
+FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class QuantSpec:
     """Consecutive input channels sharing a scale when granularity is ``group``."""
     clip_ratio: float = 1.0
     """Scale the range by this factor (< 1 clips outliers)."""
+    scale_dtype: str = "float32"
+    """``float16``: round scales to FP16 values, as a packed checkpoint stores them, so the fake-quant model
+    computes what the deployed one does (computation stays FP32)."""
 
     def __post_init__(self):
         if not (2 <= self.bits <= 8 or self.bits >= 16):
@@ -43,6 +49,8 @@ class QuantSpec:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if not 0 < self.clip_ratio <= 1:
             raise ValueError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
 
     @property
     def enabled(self) -> bool:
@@ -83,14 +91,22 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | 
     eps = torch.finfo(torch.float32).tiny
     if spec.symmetric:
         absmax = v.abs().amax(-1, keepdim=True) * ratio
-        scale = (absmax / qmax).clamp_min(eps)
+        scale = round_scale((absmax / qmax).clamp_min(eps), spec.scale_dtype)
         zero = torch.zeros_like(scale)
     else:
         vmax = v.amax(-1, keepdim=True).clamp_min(0) * ratio
         vmin = v.amin(-1, keepdim=True).clamp_max(0) * ratio
-        scale = ((vmax - vmin) / (qmax - qmin)).clamp_min(eps)
+        scale = round_scale(((vmax - vmin) / (qmax - qmin)).clamp_min(eps), spec.scale_dtype)
         zero = torch.round(-vmin / scale).detach()
     return scale, zero
+
+
+def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """Scales as stored: FP16 values (floored at FP16's smallest subnormal so none rounds to 0, capped at
+    its max) for ``float16``; unchanged for ``float32``. The cast passes gradients (learnable clipping)."""
+    if scale_dtype == "float32":
+        return scale
+    return scale.clamp(FP16_MIN_SUBNORMAL, FP16_MAX).to(torch.float16).to(scale.dtype)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
