@@ -20,8 +20,9 @@ The forward (batch 2, 256 px = 256 tokens, random weights, ``random:dit-xl-2-256
 and copies with their linears swapped for PackedLinear the way Finalize packs them: ``w4a4_g32`` is
 configs/tiny_dit.yaml's recipe (W4A4 per group of 32, asymmetric activations, embedders/final W8A8),
 ``w8a8_onednn`` QuantRecipe() (W8A8 per channel/token), ``w4a4_onednn`` QuantRecipe(wbits=4, abits=4)
-(ARC's default granularity, per channel/token). Medians of ``--repeats`` runs (more, up to 15, for
-calls under ~0.1 s) after one warm-up.
+(ARC's default granularity, per channel/token). Timing: rounds that run every path of a row once, in
+turn (so a load change on the shared machine hits all paths alike); medians of ``--repeats`` rounds
+(more, up to 15, while a round is under 1 s) after one warm-up round.
 Writes benchmarks/results/cpu_latency.{md,csv,json}.
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import sys
 import time
 
@@ -44,19 +46,31 @@ GROUP_PATH_ROWS = (512,)
 PATHS = ("fp32", "bf16", "w4a4_g32", "w8a8_onednn", "w4a4_onednn", "w8a8_g32")
 COLUMNS = ("layer", "M", "K", "N", *(f"{p}_ms" for p in PATHS), "w8a8_onednn_vs_fp32", "w4a4_onednn_vs_fp32",
            "w4a4_g32_vs_fp32", "w4a4_g32_vs_bf16", "w8a8_onednn_vs_bf16", "w4a4_onednn_vs_bf16", "onednn_int_exact",
-           "w8a8_split")
+           "w8a8_split", "load_1m")
 
 
-def median_ms(fn, repeats: int, min_seconds: float = 1.0, max_repeats: int = 15) -> float:
-    """Median wall-clock milliseconds of ``fn`` after one warm-up run: ``repeats`` runs, more (up to
-    ``max_repeats``) while they total under ``min_seconds``, so fast calls get more samples."""
-    fn()
-    times = []
-    while len(times) < repeats or (sum(times) < 1e3 * min_seconds and len(times) < max_repeats):
+def interleaved_medians(fns: dict, repeats: int, min_seconds: float = 1.0, max_repeats: int = 15,
+                        only_first: dict | None = None) -> dict[str, float]:
+    """Median wall-clock milliseconds of each callable, timed in rounds that run every path once
+    (a load change on the machine hits all paths alike, so their ratios hold). One warm-up round;
+    ``repeats`` rounds, more (up to ``max_repeats``) while a round takes under ``min_seconds`` in total.
+    ``only_first``: {name: rounds} for slow paths timed in the first rounds only."""
+    warm = {}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+        warm[name] = time.perf_counter() - t0
+    fast = sum(t for name, t in warm.items() if name not in (only_first or {}))
+    rounds = repeats if fast >= min_seconds else min(max_repeats, max(repeats, int(min_seconds / max(fast, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if only_first and name in only_first and r >= only_first[name]:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def ratios(row: dict) -> dict:
@@ -101,11 +115,10 @@ def one_shape(layer: str, m: int, k: int, n: int, repeats: int) -> dict:
     w = torch.randn(n, k, generator=gen) * 0.02
     bias = torch.randn(n, generator=gen) * 0.1
     row = {"layer": layer, "M": m, "K": k, "N": n}
-    row["fp32_ms"] = median_ms(lambda: F.linear(x, w, bias), repeats)
     xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
-    row["bf16_ms"] = median_ms(lambda: F.linear(xb, wb, bb), repeats)
     w4_packed, w4_scale = quantize_weight_int4(w, 32)
-    row["w4a4_g32_ms"] = median_ms(lambda: w4a4_linear(x, w4_packed, w4_scale, bias, 32, torch.float32), repeats)
+    fns = {"fp32": lambda: F.linear(x, w, bias), "bf16": lambda: F.linear(xb, wb, bb),
+           "w4a4_g32": lambda: w4a4_linear(x, w4_packed, w4_scale, bias, 32, torch.float32)}
     exact = True
     for bits, name in ((8, "w8a8_onednn"), (4, "w4a4_onednn")):
         codes, scale = per_channel_codes(w, bits)
@@ -113,17 +126,19 @@ def one_shape(layer: str, m: int, k: int, n: int, repeats: int) -> dict:
         weight = onednn.prepack_weight(codes, scale, bits)
         if bits == 8:
             row["w8a8_split"] = weight.split
-        row[f"{name}_ms"] = median_ms(lambda: onednn.onednn_linear(x, weight, False, bias), repeats)
+        fns[name] = lambda weight=weight: onednn.onednn_linear(x, weight, False, bias)
     row["onednn_int_exact"] = exact
     if m in GROUP_PATH_ROWS:
         codes8, scale8 = per_channel_codes(w, 8)
         w_scale = scale8[:, None].expand(n, k // 32).contiguous()
 
         def group_path():
-            a, s, z = quantize_act_codes(x, 8, True, 32)
+            a, s, _ = quantize_act_codes(x, 8, True, 32)
             return int8_group_gemm(a, s, codes8, w_scale, 32, bias)
 
-        row["w8a8_g32_ms"] = median_ms(group_path, max(1, repeats - 2))
+        fns["w8a8_g32"] = group_path
+    medians = interleaved_medians(fns, repeats, only_first={"w8a8_g32": max(1, repeats - 2)})
+    row.update({f"{name}_ms": ms for name, ms in medians.items()})
     return {**row, **ratios(row)}
 
 
@@ -149,20 +164,16 @@ def forward_row(repeats: int, model_name: str = "random:dit-xl-2-256") -> dict:
     row = {"layer": f"{model_name} forward (batch 2, {tokens} tokens)", "M": 2 * tokens,
            "K": cfg.num_attention_heads * cfg.attention_head_dim, "N": None}
     ref = run(fp32)()
-    row["fp32_ms"] = median_ms(run(fp32), repeats)
-    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    row["bf16_ms"] = median_ms(run(bf16, torch.bfloat16), repeats)
-    del bf16
+    fns = {"fp32": run(fp32), "bf16": run(copy.deepcopy(fp32).to(torch.bfloat16), torch.bfloat16)}
     recipes = {"w4a4_g32": repo_recipe(), "w8a8_onednn": QuantRecipe(),
                "w4a4_onednn": QuantRecipe(wbits=4, abits=4)}
     errors = {}
     for name, recipe in recipes.items():
         model = copy.deepcopy(fp32)
         pack_transformer(model, recipe)
-        out = run(model)()
-        errors[name] = float((out - ref).norm() / ref.norm())
-        row[f"{name}_ms"] = median_ms(run(model), repeats)
-        del model
+        fns[name] = run(model)
+        errors[name] = float((fns[name]() - ref).norm() / ref.norm())
+    row.update({f"{name}_ms": ms for name, ms in interleaved_medians(fns, repeats).items()})
     row["rel_l2_vs_fp32"] = errors
     row["recipes"] = {k: dataclasses.asdict(v) for k, v in recipes.items()}
     return {**row, **ratios(row)}
@@ -182,17 +193,17 @@ def main() -> None:
     rows = []
     for m in ROWS[:1] if args.quick else ROWS:
         for layer, (k, n) in LAYERS.items():
-            rows.append(one_shape(layer, m, k, n, args.repeats))
+            rows.append({**one_shape(layer, m, k, n, args.repeats), "load_1m": os.getloadavg()[0]})
             r = rows[-1]
             print(f"[{time.time() - start:5.0f}s] {layer} M={m}: " + ", ".join(
                 f"{p} {r[p + '_ms']:.1f}" for p in PATHS if r.get(p + "_ms")) + f" ms; exact {r['onednn_int_exact']}",
                 flush=True)
     if not args.no_forward:
-        rows.append(forward_row(args.repeats))
+        rows.append({**forward_row(args.repeats), "load_1m": os.getloadavg()[0]})
         print(f"[{time.time() - start:5.0f}s] forward: " + ", ".join(
             f"{p} {rows[-1][p + '_ms']:.0f}" for p in PATHS if rows[-1].get(p + "_ms")) + " ms", flush=True)
-    notes = [f"torch threads: {args.threads}; medians of {args.repeats} runs (up to 15 while they total < 1 s) "
-             "after one warm-up; wall clock",
+    notes = [f"torch threads: {args.threads}; wall clock; paths of a row timed in interleaved rounds, medians of "
+             f"{args.repeats} rounds (up to 15 while a round takes < 1 s) after one warm-up round",
              "every path from FP32 activations to FP32 output, activation quantization included; weight "
              "quantization/prepacking done beforehand (load time)",
              "*_vs_fp32 / *_vs_bf16: baseline ms / path ms (> 1: the integer path is faster), from this one run",
@@ -203,6 +214,8 @@ def main() -> None:
              "embedders/final W8A8 G32); w8a8_onednn = QuantRecipe() (W8A8 per channel/token); w4a4_onednn = "
              "QuantRecipe(wbits=4, abits=4) (per channel/token); attention, norms and GELU stay FP32; "
              "relative L2 vs the FP32 output in cpu_latency.json",
+             f"load_1m: the 1-minute load average after the row (the machine has {os.cpu_count()} cores; above "
+             f"~{args.threads + 0.5:g} something else was running and the row's timings are disturbed)",
              f"wall time: {time.time() - start:.0f} s"]
     print(write_tables("cpu_latency", "CPU latency: integer W4A4/W8A8 paths vs FP32 and BF16 at DiT-XL/2 shapes",
                        header, rows, COLUMNS, notes))

@@ -177,4 +177,8 @@ def test_latency_helpers(bench):
     codes, scale = latency.per_channel_codes(w, 8)
     assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127 and scale.shape == (6,)
     assert latency.onednn_exact(codes, torch.randn(70, 40, generator=_gen(9)), 8)
-    assert latency.median_ms(lambda: None, 3) >= 0
+    calls = []
+    medians = latency.interleaved_medians({"a": lambda: calls.append("a"), "slow": lambda: calls.append("s")}, 3,
+                                          only_first={"slow": 1})
+    assert set(medians) == {"a", "slow"} and calls[:4] == ["a", "s", "a", "s"]  # warm-up, then rounds in turn
+    assert calls.count("s") == 2 and calls.count("a") == 1 + 15  # fast rounds fill up to 15
