@@ -2,6 +2,11 @@
 
     python benchmarks/cpu_latency.py            # M = 512, 2048, 8192 and the full forward (~10-15 min, 2 threads)
     python benchmarks/cpu_latency.py --quick    # M = 512 and the full forward
+    python benchmarks/cpu_latency.py --rows 512 2048 --threads 1   # other M values / thread counts
+
+Run it on an otherwise idle machine: with the cores oversubscribed, the 2-thread oneDNN and group
+paths slowed 5-12x (OpenMP threads waiting on a descheduled peer), FP32 1.3-3.6x, e.g.
+attn_out M = 512 oneDNN W8A8 11.8 -> 144 ms. Each row records the load average (``load_1m``).
 
 Layers (hidden 1152, MLP 4608): qkv 1152->3456, attn_out 1152->1152, fc1 1152->4608, fc2 4608->1152;
 M = tokens x batch = 256 x 2, 1024 x 2 (= 256 x 8), 1024 x 8. Paths, each from FP32 activations to
@@ -182,6 +187,7 @@ def forward_row(repeats: int, model_name: str = "random:dit-xl-2-256") -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="M = 512 only (plus the forward)")
+    parser.add_argument("--rows", nargs="+", type=int, default=None, help=f"M values (default {ROWS})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-forward", action="store_true")
@@ -191,7 +197,7 @@ def main() -> None:
     header = {"date": now(), "machine": machine(args.threads),
               "invocation": "python benchmarks/cpu_latency.py " + " ".join(sys.argv[1:])}
     rows = []
-    for m in ROWS[:1] if args.quick else ROWS:
+    for m in args.rows or (ROWS[:1] if args.quick else ROWS):
         for layer, (k, n) in LAYERS.items():
             rows.append({**one_shape(layer, m, k, n, args.repeats), "load_1m": os.getloadavg()[0]})
             r = rows[-1]
