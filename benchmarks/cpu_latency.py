@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
+import gc
 import os
 import sys
 import time
@@ -147,6 +149,16 @@ def one_shape(layer: str, m: int, k: int, n: int, repeats: int) -> dict:
     return {**row, **ratios(row)}
 
 
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): each packed copy frees 3 GB of FP32 linears in pieces
+    that otherwise stay resident (measured: 13.4 GB -> 6.9 GB RSS with the five models of the forward row)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.no_grad()
 def forward_row(repeats: int, model_name: str = "random:dit-xl-2-256") -> dict:
     """One DiT-XL/2 forward, batch 2 at 256 px, on each path (see the module docstring)."""
@@ -176,6 +188,7 @@ def forward_row(repeats: int, model_name: str = "random:dit-xl-2-256") -> dict:
     for name, recipe in recipes.items():
         model = copy.deepcopy(fp32)
         pack_transformer(model, recipe)
+        release_freed_memory()
         fns[name] = run(model)
         errors[name] = float((fns[name]() - ref).norm() / ref.norm())
     row.update({f"{name}_ms": ms for name, ms in interleaved_medians(fns, repeats).items()})
