@@ -20,6 +20,11 @@ parameters) and ``tied`` (one shared embedder as in the DiT paper, 675M;
 - ``g128``: the same with groups of 128 (not a repo recipe: what the 3.8x target costs in group size);
 - ``g128-w4-all``: groups of 128 and the embedders/final layer at W4 too (not a repo recipe).
 
+``--transforms tca`` also gives every quantized linear the fixed input transform a TCA-DiT checkpoint
+stores (ARC's smoothing vector and Kronecker rotation factors, RGQ's permutation where activations are
+grouped), so the ratio is that of what ``fit`` writes, not of bare RTN weights; ``dense_rotation_mb``
+says what the same rotations would cost stored as k x k matrices (format 1, before they were kept factored).
+
 Writes benchmarks/results/memory.{md,csv,json}.
 """
 
@@ -37,9 +42,9 @@ import yaml
 from common import ROOT, machine, now, write_tables
 
 MODELS = {"dit-xl-2-256": "random:dit-xl-2-256", "pixart-alpha-512": "random:pixart-alpha-512"}
-COLUMNS = ("model", "embedders", "recipe", "params_m", "quantized_linears", "linear_fp16_mb", "linear_packed_mb", "linear_ratio",
+COLUMNS = ("model", "embedders", "recipe", "transforms", "params_m", "quantized_linears", "linear_fp16_mb", "linear_packed_mb", "linear_ratio",
            "linear_bits_per_weight", "transformer_fp16_mb", "transformer_packed_mb", "transformer_ratio",
-           "kept_fp16_mb", "meets_3_8x", "seconds")
+           "kept_fp16_mb", "transforms_mb", "dense_rotation_mb", "meets_3_8x", "seconds")
 MB = 2**20
 
 
@@ -82,12 +87,16 @@ def owner_kind(module: torch.nn.Module, key: str) -> str:
 
 
 @torch.no_grad()
-def pack_transformer(transformer: torch.nn.Module, recipe) -> dict:
-    """Swap every linear the recipe quantizes for its PackedLinear (in place); returns them by name."""
+def pack_transformer(transformer: torch.nn.Module, recipe, transforms: str = "none") -> dict:
+    """Swap every linear the recipe quantizes for its PackedLinear (in place); returns them by name.
+
+    ``transforms="tca"``: each first gets TCA-DiT's stored input transform (values do not matter for bytes).
+    """
     from tca_lightning.kernels.packed_linear import PackedLinear
     from tca_lightning.methods.base import _set_submodule
     from tca_lightning.models.adapters import get_adapter
     from tca_lightning.quant.linear import QuantLinear
+    from tca_lightning.quant.transforms import kron_factors
 
     packed = {}
     for ref in get_adapter(transformer).linears():
@@ -96,12 +105,18 @@ def pack_transformer(transformer: torch.nn.Module, recipe) -> dict:
             continue
         q = QuantLinear.from_float(ref.module, *specs, name=ref.name)
         q.role = ref.role
+        if transforms == "tca":
+            k = q.in_features
+            a, b = kron_factors(k)
+            grouped = q.act_spec.enabled and q.act_spec.granularity == "group"
+            q.set_transform(smooth=torch.ones(k), rotation=(torch.eye(a), torch.eye(b)),
+                            perm=torch.arange(k) if grouped else None)
         packed[ref.name] = PackedLinear.from_quant_linear(q)
         _set_submodule(transformer, ref.name, packed[ref.name])
     return packed
 
 
-def measure(model: str, recipe_name: str, recipe, tied: bool = False, seed: int = 0) -> dict:
+def measure(model: str, recipe_name: str, recipe, tied: bool = False, seed: int = 0, transforms: str = "none") -> dict:
     from tca_lightning.export import memory_summary
     from tca_lightning.models.loading import load_model
     from tca_lightning.models.tiny import tie_dit_embedders
@@ -112,7 +127,7 @@ def measure(model: str, recipe_name: str, recipe, tied: bool = False, seed: int 
         tie_dit_embedders(transformer)
     params = sum(p.numel() for p in transformer.parameters())
     fp16 = sum(state_bytes(transformer).values())
-    packed = pack_transformer(transformer, recipe)
+    packed = pack_transformer(transformer, recipe, transforms)
     sizes = state_bytes(transformer)
     kinds = defaultdict(int)
     for key, n in sizes.items():
@@ -120,13 +135,18 @@ def measure(model: str, recipe_name: str, recipe, tied: bool = False, seed: int 
     linear_packed = sum(p.weight_nbytes() for p in packed.values())
     linear_weights = sum(p.in_features * p.out_features for p in packed.values())
     total = sum(sizes.values())
-    kept = {k: v for k, v in kinds.items() if k not in ("PackedLinear.qweight", "PackedLinear.weight_scale")}
+    transform_keys = tuple(f"PackedLinear.{t}" for t in ("smooth", "rotation", "rotation_left", "rotation_right", "perm"))
+    kept = {k: v for k, v in kinds.items() if k not in ("PackedLinear.qweight", "PackedLinear.weight_scale")
+            and k not in transform_keys}
+    dense_rotations = sum(2 * p.in_features ** 2 for p in packed.values()) if transforms == "tca" else 0
     layout = "tied" if tied else ("per block" if model.startswith("dit") else "shared (adaLN-single)")
-    return {"model": model, "embedders": layout, "recipe": recipe_name, "params_m": params / 1e6, "quantized_linears": len(packed),
+    return {"model": model, "embedders": layout, "recipe": recipe_name, "transforms": transforms, "params_m": params / 1e6, "quantized_linears": len(packed),
             "linear_fp16_mb": 2 * linear_weights / MB, "linear_packed_mb": linear_packed / MB,
             "linear_ratio": 2 * linear_weights / linear_packed, "linear_bits_per_weight": 8 * linear_packed / linear_weights,
             "transformer_fp16_mb": fp16 / MB, "transformer_packed_mb": total / MB, "transformer_ratio": fp16 / total,
-            "kept_fp16_mb": sum(kept.values()) / MB, "meets_3_8x": fp16 / total >= 3.8,
+            "kept_fp16_mb": sum(kept.values()) / MB,
+            "transforms_mb": sum(v for k, v in kinds.items() if k in transform_keys) / MB,
+            "dense_rotation_mb": dense_rotations / MB, "meets_3_8x": fp16 / total >= 3.8,
             "seconds": round(time.perf_counter() - start, 1),
             "kept_fp16_by_kind_mb": {k: round(v / MB, 3) for k, v in sorted(kept.items(), key=lambda kv: -kv[1])},
             "by_weight_bits": memory_summary(packed.values()), "recipe_config": dataclasses.asdict(recipe)}
@@ -137,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--recipes", nargs="+", default=list(choices), choices=list(choices))
+    parser.add_argument("--transforms", nargs="+", default=["none", "tca"], choices=["none", "tca"])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -144,10 +165,10 @@ def main() -> None:
               "invocation": "python benchmarks/memory.py " + " ".join(sys.argv[1:])}
     rows = []
     for model in args.models:
-        for tied, name in [(t, n) for t in ((False, True) if model.startswith("dit") else (False,))
-                           for n in args.recipes]:
-            row = measure(model, name, choices[name], tied)
-            row["command"] = f"python benchmarks/memory.py --models {model} --recipes {name}"
+        for tied, name, transforms in [(t, n, x) for t in ((False, True) if model.startswith("dit") else (False,))
+                                       for n in args.recipes for x in args.transforms]:
+            row = measure(model, name, choices[name], tied, transforms=transforms)
+            row["command"] = f"python benchmarks/memory.py --models {model} --recipes {name} --transforms {transforms}"
             rows.append(row)
             print(f"{model} {row['embedders']} {name}: transformer {row['transformer_fp16_mb']:.0f} -> {row['transformer_packed_mb']:.0f} MB "
                   f"({row['transformer_ratio']:.3f}x), quantized linears {row['linear_ratio']:.3f}x; kept FP16 "
@@ -160,6 +181,9 @@ def main() -> None:
              "kept FP16 (per row, by owning module, in memory.json): everything that is not a quantized linear's "
              "codes or scales: quantized linears' biases, label-embedding tables, the patch-embed conv, "
              "positional embeddings, scale-shift tables",
+             "transforms tca: each quantized linear also stores TCA-DiT's smoothing vector, Kronecker rotation "
+             "factors and (grouped activations) RGQ permutation, as fit's checkpoint does (floats at FP16 here; "
+             "int64 permutations); dense_rotation_mb: the same rotations as k x k FP16 matrices",
              "DiT embedders 'per block': diffusers' layout (28 equal timestep/label embedders, what a converted "
              "checkpoint and save_quantized store); 'tied': one shared embedder, as the DiT paper's model"]
     print(write_tables("memory", "Weight memory: packed checkpoint vs FP16 (DiT-XL/2, PixArt-alpha 512)", header,

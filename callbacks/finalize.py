@@ -91,7 +91,7 @@ def reorder_groups(qlinears: dict, stats) -> dict[str, torch.Tensor]:
     for name, q in qlinears.items():
         if not q.act_spec.enabled or q.act_spec.granularity != "group" or name not in stats.gram:
             continue
-        energy = torch.diagonal(transform_gram(stats.gram[name].to(q.weight.device), q.smooth, q.rotation))
+        energy = torch.diagonal(transform_gram(stats.gram[name].to(q.weight.device), q.smooth, q.input_rotation))
         perms[name] = magnitude_order(energy)
         q.set_transform(perm=perms[name])
     return perms

@@ -319,10 +319,10 @@ class ARC(DiffusionEvaluator):
             t = q.transform
             if t is None:
                 continue
-            if q.smooth is not None or q.rotation is not None:
+            if q.smooth is not None or q.input_rotation is not None:
                 raise ValueError(f"{name} already has a fixed smooth/rotation: bake() would compose them silently")
             q.transform = None
-            q.set_transform(smooth=t.scale(), rotation=t.rotation_matrix())
+            q.set_transform(smooth=t.scale(), rotation=t.factors())
         for name, spec in getattr(self, "_weight_specs", {}).items():
             self.qlinears[name].set_specs(weight_spec=spec)  # learned with FP weights: quantize them now
         self._weight_specs = {}

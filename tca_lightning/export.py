@@ -5,7 +5,8 @@ same parent, renamed into place: a reader never sees half of one, a failed expor
 
 - ``model.safetensors``: every packed tensor of every quantized linear (``<layer>.qweight``: INT4
   codes packed two per byte in the split-half layout, or int8; ``<layer>.weight_scale``: FP16 per
-  group; ``<layer>.bias``; ``<layer>.smooth/rotation/perm``: the fixed input transform), and every other
+  group; ``<layer>.bias``; ``<layer>.smooth/rotation/perm``: the fixed input transform, the rotation either
+  dense or as its Kronecker factors ``rotation_left/rotation_right`` (format 2; TCA-DiT's), and every other
   parameter and buffer of the transformer in its own dtype (norms, embeddings, the conv patch embed,
   linears the recipe leaves in FP);
 - ``quantized.json``: ``format_version`` (:data:`FORMAT_VERSION`), the model it came from, the method
@@ -36,7 +37,8 @@ from torch import nn
 from tca_lightning.kernels.packed_linear import PackedLinear
 from tca_lightning.quant.linear import QuantLinear
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: Kronecker-factored rotations (rotation_left/right); otherwise as 1
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "tca_lightning.packed"
 CONFIG_FILE = "quantized.json"
 TENSORS_FILE = "model.safetensors"
@@ -199,8 +201,9 @@ def read_quantized_config(path: str | os.PathLike) -> dict:
         raise _fail(file, f"is not a {FORMAT_NAME} config (its 'format' is "
                           f"{config.get('format') if isinstance(config, dict) else None!r})")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _fail(file, f"has format_version {version!r}, this tca_lightning reads format_version {FORMAT_VERSION}",
+    if version not in READABLE_VERSIONS:
+        raise _fail(file, f"has format_version {version!r}, this tca_lightning reads format_version "
+                          f"{' or '.join(map(str, READABLE_VERSIONS))}",
                     "re-export it with this version's save_quantized, or load it with the tca_lightning that wrote it")
     for key in ("transformer", "layers", "safetensors"):
         if not isinstance(config.get(key), dict):

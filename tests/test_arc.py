@@ -102,8 +102,10 @@ def test_bake_turns_learned_transforms_into_exact_fixed_buffers(tmp_path):
     x, t, cond = torch.randn(2, 1, 32, 32), torch.tensor(500), Condition(labels=torch.tensor([1, 2]))
     fp = module.reference_model(x, timestep=t.expand(2), class_labels=cond.labels).sample
     module.bake()
-    baked = [q for q in module.qlinears.values() if q.rotation is not None]
+    baked = [q for q in module.qlinears.values() if q.input_rotation is not None]
     assert baked and all(q.transform is None and q.smooth is not None for q in baked)
+    # the rotation stays Kronecker-factored (small to store, k (a + b) per token online), never densified
+    assert all(q.rotation is None and isinstance(q.input_rotation, tuple) for q in baked)
     out = module.adapter.forward(x, t, cond)
     assert ((out - fp).abs().max() / fp.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="already has a fixed"):

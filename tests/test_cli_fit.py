@@ -49,6 +49,20 @@ def test_test_from_the_fit_checkpoint_reproduces_the_evaluation(fitted, run_cli,
     assert again["psnr_vs_fp"] == pytest.approx(record["psnr_vs_fp"], abs=1e-4)  # same weights, same noise
 
 
+def test_test_from_a_checkpoint_keeps_the_command_lines_sampler_and_names_replaced_settings(fitted, run_cli,
+                                                                                            tmp_path):
+    """Lightning's CLI restores a checkpoint's model hyperparameters over the command line's; evaluation-only ones
+    (sampler, references) must stay the user's, and any other replaced setting is named, not dropped silently."""
+    _, version_dir = fitted
+    result = run_cli("test", *SMOKE_DIT, "--ckpt_path", str(version_dir / "checkpoints" / "finalized.ckpt"),
+                     "--model.init_args.sampler.num_steps", "2", "--model.init_args.recipe.group_size", "16",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-5000:]
+    again, _ = _metrics(tmp_path)
+    assert again["steps"] == 2  # the command line's sampler, not the checkpoint's 4 steps
+    assert "replace the config's model settings recipe.group_size (16 -> 32)" in result.stderr
+
+
 def test_the_packed_checkpoint_fit_wrote_evaluates_with_integer_kernels_like_the_fake_quant(fitted, run_cli, tmp_path):
     record, version_dir = fitted
     packed = version_dir / "quantized"
@@ -60,6 +74,21 @@ def test_the_packed_checkpoint_fit_wrote_evaluates_with_integer_kernels_like_the
     assert again["kernels"] == "integer" and (again["wbits"], again["abits"]) == (4, 4)
     # FP16 scales are the only difference from the fake quant (tests/test_packed_checkpoint.py): within noise
     assert again["psnr_vs_fp"] == pytest.approx(record["psnr_vs_fp"], abs=0.5)
+
+
+def test_the_packed_checkpoint_keeps_arc_rotations_factored_and_is_smaller_than_fp16(fitted):
+    """ARC's rotations are Kronecker pairs; stored dense they made the packed tiny model larger than FP32."""
+    from safetensors.torch import load_file
+
+    from tca_lightning.models.loading import load_model
+
+    _, version_dir = fitted
+    tensors = load_file(str(version_dir / "quantized" / "model.safetensors"))
+    assert any(k.endswith(".rotation_left") for k in tensors)
+    assert not any(k.endswith(".rotation") for k in tensors)
+    packed_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    fp16_bytes = 2 * sum(p.numel() for p in load_model("tiny-dit").transformer.parameters())
+    assert packed_bytes < 0.6 * fp16_bytes, (packed_bytes, fp16_bytes)
 
 
 def test_quantized_with_fit_is_a_clear_error(run_cli, tmp_path):

@@ -128,9 +128,46 @@ def test_every_input_transform_fold_is_exact():
     torch.manual_seed(0)
     w, x = torch.randn(48, 64), torch.randn(10, 64) * torch.logspace(-1, 1, 64)
     s, r, p = torch.rand(64) + 0.2, random_hadamard(64, 5), torch.randperm(64)
-    for parts in ({"smooth": s}, {"rotation": r}, {"perm": p}, {"smooth": s, "rotation": r, "perm": p}):
+    kron = (random_hadamard(8, 6), torch.linalg.qr(torch.randn(8, 8))[0])  # a non-contiguous factor too
+    for parts in ({"smooth": s}, {"rotation": r}, {"perm": p}, {"smooth": s, "rotation": r, "perm": p},
+                  {"rotation": kron}, {"smooth": s, "rotation": kron, "perm": p}):
         y = transform_input(x, **parts) @ fold_input_transform(w, **parts).t()
         assert rel_err(y, x @ w.t()) <= 1e-5, parts
+
+
+def test_a_kronecker_rotation_equals_its_dense_matrix_in_every_transform():
+    """The Kronecker pair is only a storage and speed form: gram, fold, unfold and input agree with kron(a, b)."""
+    from tca_lightning.quant.transforms import rotation_matrix, transform_gram, unfold_input_transform
+
+    torch.manual_seed(0)
+    k = 96  # 8 x 12: unequal factors
+    pair = (random_hadamard(8, 1, dtype=torch.float64), torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))[0])
+    dense = rotation_matrix(pair)
+    x, w = torch.randn(40, k, dtype=torch.float64), torch.randn(20, k, dtype=torch.float64)
+    s, p = torch.rand(k, dtype=torch.float64) + 0.5, torch.randperm(k)
+    assert torch.allclose(transform_input(x, s, pair, p), transform_input(x, s, dense, p), atol=1e-12)
+    assert torch.allclose(fold_input_transform(w, s, pair, p), fold_input_transform(w, s, dense, p), atol=1e-12)
+    g = x.t() @ x
+    assert torch.allclose(transform_gram(g, s, pair, p), transform_gram(g, s, dense, p), rtol=1e-10, atol=1e-9)
+    assert torch.allclose(unfold_input_transform(fold_input_transform(w, s, pair, p), s, pair, p), w, atol=1e-10)
+
+
+def test_a_quant_linear_keeps_a_kronecker_rotation_factored_and_rejects_bad_factors():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 16)
+    q = QuantLinear.from_float(linear, OFF, OFF, name="blk.0.fc1")
+    q.set_transform(rotation=random_hadamard(64, 0))
+    q.set_transform(rotation=(random_hadamard(8, 1), random_hadamard(8, 2)))  # replaces the dense one
+    assert q.rotation is None and isinstance(q.input_rotation, tuple)
+    x = torch.randn(3, 64)
+    assert rel_err(q(x), linear(x)) <= 1e-5
+    fresh = QuantLinear.from_float(linear, OFF, OFF)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), q(x))
+    with pytest.raises(ValueError, match=r"orders 8 x 4 = 32, expected in_features 64"):
+        q.set_transform(rotation=(torch.eye(8), torch.eye(4)))
+    with pytest.raises(ValueError, match="right Kronecker factor of blk.0.fc1's rotation must be square"):
+        q.set_transform(rotation=(torch.eye(8), torch.eye(8, 4)))
 
 
 def test_permutation_inverse():

@@ -42,9 +42,10 @@ from tca_lightning.kernels.reference import _to_fp16_scale
 from tca_lightning.quant.grid import grid_codes
 from tca_lightning.quant.packing import pack_int4, unpack_int4
 from tca_lightning.quant.quantizers import QuantSpec, fake_quant
-from tca_lightning.quant.transforms import transform_input
+from tca_lightning.quant.transforms import (TRANSFORM_BUFFERS, Rotation, check_rotation, rotation_buffers,
+                                            stored_rotation, transform_input)
 
-TRANSFORMS = ("smooth", "rotation", "perm")
+TRANSFORMS = TRANSFORM_BUFFERS
 CONFIG_KEYS = ("in_features", "out_features", "weight_bits", "act_bits", "weight_group_size", "act_group_size",
                "act_symmetric", "name", "role")
 
@@ -69,7 +70,7 @@ class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, *, weight_bits: int, act_bits: int,
                  weight_group_size: int, act_group_size: int, act_symmetric: bool, qweight: torch.Tensor,
                  weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+                 smooth: torch.Tensor | None = None, rotation: Rotation | None = None,
                  perm: torch.Tensor | None = None, name: str = "linear", role: str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.name, self.role = in_features, out_features, name, role
@@ -92,13 +93,24 @@ class PackedLinear(nn.Module):
             self._check("weight_scale", weight_scale, (n, k // weight_group_size), torch.float16)
         if bias is not None:
             self._check("bias", bias, (n,), None)
-        for t_name, value, t_shape in (("smooth", smooth, (k,)), ("rotation", rotation, (k, k)), ("perm", perm, (k,))):
+        if smooth is not None:
+            self._check("smooth", smooth, (k,), None)
+        if perm is not None:  # stored narrow (int16 below 32768 channels: 2 bytes a channel, not 8), indexed as int64
+            if perm.dtype not in (torch.int16, torch.int32, torch.int64):
+                raise ValueError(f"{name}: perm has dtype {perm.dtype}, expected an integer dtype")
+            self._check("perm", perm, (k,), perm.dtype)
+            if perm.numel() and not torch.equal(torch.sort(perm.long()).values, torch.arange(k, device=perm.device)):
+                raise ValueError(f"{name}: perm is not a permutation of range({k})")
+            perm = perm.to(torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32)
+        rotations = rotation_buffers(None if rotation is None else check_rotation(rotation, k, name))
+        for r_name, value in rotations.items():
             if value is not None:
-                self._check(t_name, value, t_shape, torch.long if t_name == "perm" else None)
+                self._check(r_name, value, tuple(value.shape), None)
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", None if self.weight_format == "float" else weight_scale)
-        for b_name, value in (("bias", bias), ("smooth", smooth), ("rotation", rotation), ("perm", perm)):
+        for b_name, value in (("bias", bias), ("smooth", smooth), *rotations.items(), ("perm", perm)):
             self.register_buffer(b_name, value)
+        self.register_buffer("_perm_index", None if perm is None else perm.long(), persistent=False)
         # derived, rebuilt on load (not in checkpoints): scales on the GEMM's groups, weight code sums per group
         self.register_buffer("_gemm_scale", None, persistent=False)
         self.register_buffer("_code_sums", None, persistent=False)
@@ -150,7 +162,11 @@ class PackedLinear(nn.Module):
         return cls(k, q.out_features, weight_bits=ws.bits if ws.enabled else 32, act_bits=act_bits,
                    weight_group_size=gw, act_group_size=ga, act_symmetric=as_.symmetric, qweight=qweight,
                    weight_scale=scale16, bias=None if q.bias is None else q.bias.detach().clone(),
-                   smooth=q.smooth, rotation=q.rotation, perm=q.perm, name=name, role=getattr(q, "role", None))
+                   smooth=q.smooth, rotation=q.input_rotation, perm=q.perm, name=name, role=getattr(q, "role", None))
+
+    @property
+    def input_rotation(self) -> Rotation | None:
+        return stored_rotation(self)
 
     def config(self) -> dict:
         """What a checkpoint's JSON records about this layer (rebuild with :meth:`from_config`)."""
@@ -175,6 +191,11 @@ class PackedLinear(nn.Module):
         missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
         if missing or extra:
             raise ValueError(f"{name}: tensors missing {missing}, unexpected {extra}")
+        tensors = dict(tensors)
+        if "rotation_left" in tensors or "rotation_right" in tensors:
+            if "rotation_left" not in tensors or "rotation_right" not in tensors:
+                raise ValueError(f"{name}: a Kronecker rotation needs both rotation_left and rotation_right")
+            tensors["rotation"] = (tensors.pop("rotation_left"), tensors.pop("rotation_right"))
         layer = cls(**{k: cfg[k] for k in CONFIG_KEYS}, **tensors)
         for key in ("weight_format", "pack_group_size"):
             if key in cfg and cfg[key] != getattr(layer, key):
@@ -203,7 +224,7 @@ class PackedLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.weight_scale) if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xt = transform_input(x, self.smooth, self.rotation, self.perm)
+        xt = transform_input(x, self.smooth, self.input_rotation, self._perm_index)
         if self.weight_format == "float":
             if self.act_bits < 16:
                 spec = QuantSpec(bits=self.act_bits, symmetric=self.act_symmetric, granularity="group",

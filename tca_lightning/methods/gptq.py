@@ -155,7 +155,7 @@ def store_quantized_weight(q: QuantLinear, weight_q: torch.Tensor) -> torch.Tens
         w_full = w + (q.lowrank_a @ q.lowrank_b).t().to(w.dtype)
     else:
         w_full = w
-    q.weight.data.copy_(unfold_input_transform(w_full, q.smooth, q.rotation, q.perm))
+    q.weight.data.copy_(unfold_input_transform(w_full, q.smooth, q.input_rotation, q.perm))
     q.set_quantized_weight(w)
     return w
 
@@ -173,7 +173,7 @@ def layer_hessian(q: QuantLinear, stats, name: str) -> torch.Tensor:
         raise ValueError(f"the Gram matrix of {name} has shape {tuple(gram.shape)}, expected "
                          f"{(q.in_features,) * 2}: statistics from a different model?")
     gram = gram.to(q.weight.device)
-    return 2.0 * transform_gram(gram, q.smooth, q.rotation, q.perm) / tokens
+    return 2.0 * transform_gram(gram, q.smooth, q.input_rotation, q.perm) / tokens
 
 
 # --- the method ------------------------------------------------------------------------------------

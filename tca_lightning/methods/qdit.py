@@ -125,10 +125,10 @@ def set_group_size(q: QuantLinear, group_size: int) -> None:
 
 def _raw_basis(q: QuantLinear, d: torch.Tensor) -> torch.Tensor:
     """D M^T, with x' = transform_input(x) = x M, so that X' D^T = X (D M^T)^T (D itself when untransformed)."""
-    if q.smooth is None and q.rotation is None and q.perm is None:
+    if q.smooth is None and q.input_rotation is None and q.perm is None:
         return d
     eye = torch.eye(q.in_features, device=d.device)
-    return d @ transform_input(eye, q.smooth, q.rotation, q.perm).float().t()
+    return d @ transform_input(eye, q.smooth, q.input_rotation, q.perm).float().t()
 
 
 @torch.no_grad()
@@ -140,9 +140,9 @@ def layer_proxy_losses(q: QuantLinear, absmax: torch.Tensor, group_sizes, gram: 
     reference output and the Gram products are computed once for all candidates.
     """
     device = q.weight.device
-    w_full = fold_input_transform(q.weight.float(), q.smooth, q.rotation, q.perm)
+    w_full = fold_input_transform(q.weight.float(), q.smooth, q.input_rotation, q.perm)
     w = q.transformed_weight().float()
-    x = transform_input(synthetic_inputs(absmax, tokens_per_step, seed).to(device), q.smooth, q.rotation, q.perm)
+    x = transform_input(synthetic_inputs(absmax, tokens_per_step, seed).to(device), q.smooth, q.input_rotation, q.perm)
     ref = x @ w_full.t()
     energy = ref.pow(2).sum().clamp_min(1e-30)
     if q.lowrank_a is not None:

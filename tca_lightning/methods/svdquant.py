@@ -60,7 +60,7 @@ def apply_svdquant(q: QuantLinear, rank: int, smooth: torch.Tensor | None = None
     """Set ``smooth`` (if given), then the rank-``rank`` branch from the layer's transformed weight."""
     if smooth is not None:
         q.set_transform(smooth=smooth)
-    w_s = fold_input_transform(q.weight.detach(), q.smooth, q.rotation, q.perm)
+    w_s = fold_input_transform(q.weight.detach(), q.smooth, q.input_rotation, q.perm)
     q.set_lowrank(*svd_lowrank(w_s, rank))
 
 

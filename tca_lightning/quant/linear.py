@@ -1,7 +1,7 @@
 """QuantLinear: an nn.Linear with weight/input quantizers and an optional input transform.
 
 Every method is a way of *setting* these parts: SmoothQuant sets ``smooth``; QuaRot sets
-``rotation``; RGQ sets ``perm``; SVDQuant sets ``lowrank_a``/``lowrank_b``; GPTQ replaces
+``rotation`` (dense, or TCA-DiT's Kronecker pair ``rotation_left`` ⊗ ``rotation_right``); RGQ sets ``perm``; SVDQuant sets ``lowrank_a``/``lowrank_b``; GPTQ replaces
 ``weight``; LWC learns ``clip_logit``; ViDiT-Q/PTQ4DiT set ``smooth`` from their own rules.
 The forward is always the same fake-quant computation:
 
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tca_lightning.quant.quantizers import QuantSpec, fake_quant, fake_quant_static
-from tca_lightning.quant.transforms import fold_input_transform, transform_input
+from tca_lightning.quant.transforms import (TRANSFORM_BUFFERS, Rotation, check_rotation, fold_input_transform,
+                                            rotation_buffers, stored_rotation, transform_input)
 
 
 class QuantLinear(nn.Linear):
@@ -33,7 +34,7 @@ class QuantLinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        for buffer in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b", "weight_q"):
+        for buffer in TRANSFORM_BUFFERS + ("act_scale", "lowrank_a", "lowrank_b", "weight_q"):
             self.register_buffer(buffer, None)
         self.clip_logit: nn.Parameter | None = None  # learnable weight clipping (per output channel)
         self.transform: nn.Module | None = None  # a learnable input transform (ARC), applied after smooth/rotation/perm
@@ -69,14 +70,23 @@ class QuantLinear(nn.Linear):
         self.weight_q = None
         self.unfreeze()
 
-    def set_transform(self, smooth: torch.Tensor | None = None, rotation: torch.Tensor | None = None,
+    @property
+    def input_rotation(self) -> Rotation | None:
+        """The fixed rotation: a dense (k, k) matrix, a (left, right) Kronecker pair, or None."""
+        return stored_rotation(self)
+
+    def set_transform(self, smooth: torch.Tensor | None = None, rotation: Rotation | None = None,
                       perm: torch.Tensor | None = None) -> None:
-        for name, value in (("smooth", smooth), ("rotation", rotation), ("perm", perm)):
+        """Fix input transforms (each one given replaces its predecessor); ``rotation`` dense or Kronecker."""
+        for name, value in (("smooth", smooth), ("perm", perm)):
             if value is not None:
-                expected = (self.in_features,) * (2 if name == "rotation" else 1)
-                if tuple(value.shape) != expected:
-                    raise ValueError(f"{name} of {self.name} must have shape {expected}, got {tuple(value.shape)}")
+                if tuple(value.shape) != (self.in_features,):
+                    raise ValueError(f"{name} of {self.name} must have shape {(self.in_features,)}, "
+                                     f"got {tuple(value.shape)}")
                 setattr(self, name, value.detach().to(self.weight.device))
+        if rotation is not None:
+            for buffer, value in rotation_buffers(check_rotation(rotation, self.in_features, self.name)).items():
+                setattr(self, buffer, None if value is None else value.detach().to(self.weight.device))
         self.weight_q = None  # a new basis invalidates an installed quantized weight
         self.unfreeze()
 
@@ -109,7 +119,7 @@ class QuantLinear(nn.Linear):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """A fresh QuantLinear has no transform buffers yet: take whichever a saved one had."""
-        for name in ("smooth", "rotation", "perm", "act_scale", "lowrank_a", "lowrank_b", "weight_q"):
+        for name in TRANSFORM_BUFFERS + ("act_scale", "lowrank_a", "lowrank_b", "weight_q"):
             if prefix + name in state_dict and getattr(self, name) is None:
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name], device=self.weight.device)
         if prefix + "clip_logit" in state_dict and self.clip_logit is None:
@@ -119,7 +129,7 @@ class QuantLinear(nn.Linear):
 
     # --- computation ---------------------------------------------------------------------
     def transformed_weight(self) -> torch.Tensor:
-        w = fold_input_transform(self.weight, self.smooth, self.rotation, self.perm)
+        w = fold_input_transform(self.weight, self.smooth, self.input_rotation, self.perm)
         if self.transform is not None:
             w = self.transform.fold_weight(w)
         if self.lowrank_a is not None:
@@ -147,7 +157,7 @@ class QuantLinear(nn.Linear):
         return fake_quant(x, self.act_spec, name=self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xt = transform_input(x, self.smooth, self.rotation, self.perm)
+        xt = transform_input(x, self.smooth, self.input_rotation, self.perm)
         if self.transform is not None:
             xt = self.transform(xt)
         y = F.linear(self.quantize_input(xt), self.quantized_weight().to(x.dtype), self.bias)
@@ -167,4 +177,5 @@ class QuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         parts = [f"{self.in_features}->{self.out_features}", f"W{self.weight_spec.bits}A{self.act_spec.bits}"]
         parts += [p for p in ("smooth", "rotation", "perm", "lowrank_a", "act_scale") if getattr(self, p) is not None]
+        parts += ["kron rotation"] if self.rotation_left is not None else []
         return ", ".join(parts)
