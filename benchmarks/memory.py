@@ -76,7 +76,9 @@ def state_bytes(module: torch.nn.Module) -> dict[str, int]:
         if ptr in seen:
             continue
         seen.add(ptr)
-        out[key] = stored_bytes(t)
+        # input transforms (smoothing vectors, rotation factors) are stored in FP32 by save_quantized: count that
+        transform = key.rpartition(".")[2] in ("smooth", "rotation", "rotation_left", "rotation_right")
+        out[key] = t.numel() * t.element_size() if transform else stored_bytes(t)
     return out
 
 
@@ -182,12 +184,30 @@ def main() -> None:
              "codes or scales: quantized linears' biases, label-embedding tables, the patch-embed conv, "
              "positional embeddings, scale-shift tables",
              "transforms tca: each quantized linear also stores TCA-DiT's smoothing vector, Kronecker rotation "
-             "factors and (grouped activations) RGQ permutation, as fit's checkpoint does (floats at FP16 here; "
-             "int64 permutations); dense_rotation_mb: the same rotations as k x k FP16 matrices",
+             "factors and (grouped activations) RGQ permutation, as fit's checkpoint does (these at their stored "
+             "dtypes: FP32 smoothing and rotation factors, int16 permutations); dense_rotation_mb: the same "
+             "rotations as k x k FP16 matrices (what format 1 stored, in FP32 even)",
              "DiT embedders 'per block': diffusers' layout (28 equal timestep/label embedders, what a converted "
              "checkpoint and save_quantized store); 'tied': one shared embedder, as the DiT paper's model"]
     print(write_tables("memory", "Weight memory: packed checkpoint vs FP16 (DiT-XL/2, PixArt-alpha 512)", header,
-                       rows, COLUMNS, notes))
+                       merged_with_earlier(rows), COLUMNS, notes))
+
+
+def merged_with_earlier(rows: list[dict]) -> list[dict]:
+    """This invocation's rows plus the committed table's rows it did not remeasure (byte counts are
+    deterministic: a row is (model, embedder layout, recipe, transforms)); each keeps its own command."""
+    import json
+
+    from common import RESULTS
+
+    key = lambda r: (r["model"], r["embedders"], r["recipe"], r.get("transforms", "none"))  # noqa: E731
+    earlier = RESULTS / "memory.json"
+    old = json.loads(earlier.read_text()).get("rows", []) if earlier.is_file() else []
+    have = {key(r) for r in rows}
+    kept = [{**r, "transforms": r.get("transforms", "none")} for r in old if key(r) not in have]
+    order = {name: i for i, name in enumerate(recipes())}
+    return sorted(kept + rows, key=lambda r: (r["model"], r["embedders"], order.get(r["recipe"], 99),
+                                              r.get("transforms", "none")))
 
 
 if __name__ == "__main__":
