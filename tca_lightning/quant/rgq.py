@@ -13,7 +13,15 @@ depends on what the channels look like. Channels of stable magnitude (offsets, a
 ~35% of their A4 error; zero-mean Gaussian channels of spread-out variance gain nothing, because a
 group of 16 large channels has a larger per-token max than a group holding one of them. On
 tiny-dit W4A4, reordering alone moved PSNR vs FP by -0.1..+0.3 dB, but together with GPTQ it gave
-+1.5 dB over SmoothQuant+GPTQ: the ordering is what GPTQ's error feedback profits from.
++1.5 dB over SmoothQuant+GPTQ: the ordering is what GPTQ's error feedback profits from. After ARC's
+learned rotation (benchmarks/results/rgq_table.md, tiny-dit W4A4, 100 samples) the rotation has already
+evened the channels: reordering changes nothing at G=16 (+0.02 dB) or G=32 (-0.10 dB), but at G=64,
+where only fc2 (256 wide) still has several groups, it gives +0.95 dB: RGQ pays when groups are coarse
+against the layer width, as G=128 is for DiT-XL/2.
+
+With ARC's online Kronecker rotation in front, the permutation cannot fold into it (P (A ⊗ B) is not
+a Kronecker product) nor into the producer (the rotation sits between), so it is an online gather
+of k indices per token; it would fold into a dense rotation, at k^2 storage.
 """
 
 from __future__ import annotations
