@@ -1,6 +1,6 @@
 """RGQ ablation (issue 5): group quantization with and without reordering, at several group sizes.
 
-    python benchmarks/rgq_table.py                      # both tiny models, G 16/32/64, RGQ on/off, 200 samples
+    python benchmarks/rgq_table.py                      # both tiny models, G 16/32/64, RGQ on/off, 100 samples
     python benchmarks/rgq_table.py --arc-ckpt tiny-dit=runs/tca_table/.../epoch=3-step=40.ckpt
     python benchmarks/rgq_table.py --quick              # 32 samples, 10 steps, small calibration: minutes
     python benchmarks/rgq_table.py --report             # the table of the rows finished so far
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", type=int, default=[16, 32, 64])
     parser.add_argument("--arc-ckpt", nargs="+", default=[], metavar="MODEL=PATH",
                         help="an ARC fit's end-of-training checkpoint per model (else the script runs one)")
-    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=100, help="evaluation samples per row (paired PSNR vs FP)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--quick", action="store_true")

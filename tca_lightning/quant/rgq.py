@@ -16,8 +16,9 @@ tiny-dit W4A4, reordering alone moved PSNR vs FP by -0.1..+0.3 dB, but together 
 +1.5 dB over SmoothQuant+GPTQ: the ordering is what GPTQ's error feedback profits from. After ARC's
 learned rotation (benchmarks/results/rgq_table.md, tiny-dit W4A4, 100 samples) the rotation has already
 evened the channels: reordering changes nothing at G=16 (+0.02 dB) or G=32 (-0.10 dB), but at G=64,
-where only fc2 (256 wide) still has several groups, it gives +0.95 dB: RGQ pays when groups are coarse
-against the layer width, as G=128 is for DiT-XL/2.
+where only fc2 (256 wide) still has several groups, it gives +0.95 dB; on tiny-pixart it moved PSNR by
+-0.56, +0.33 and -0.18 dB at G=16/32/64. So after ARC it is no consistent gain at these widths; it can
+pay where groups are coarse against the layer width, as G=128 is for DiT-XL/2 (unmeasured there).
 
 With ARC's online Kronecker rotation in front, the permutation cannot fold into it (P (A ⊗ B) is not
 a Kronecker product) nor into the producer (the rotation sits between), so it is an online gather
