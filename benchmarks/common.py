@@ -75,17 +75,18 @@ def row_identity(row: dict) -> tuple:
     return row.get("model"), row.get("method"), row.get("variant"), row.get("wbits"), row.get("abits"), row.get("seed")
 
 
-def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], bool], defaults: str = "") -> list[dict]:
+def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], bool], defaults: str = "",
+                 identity: Callable[[dict], tuple] = row_identity) -> list[dict]:
     """Finished rows in ``save_dir/done`` from earlier invocations (e.g. on another machine) that ``keep``
     accepts, made under the same ``defaults`` (see run_many), and that the current rows do not replace
-    (same model, method, variant, bits, seed), so a table can be filled piecewise; ``accelerator_of``
-    says where each ran."""
-    have = {row_identity(r) for r in current}
+    (``identity``: by default the same model, method, variant, bits, seed), so a table can be filled
+    piecewise; ``accelerator_of`` says where each ran."""
+    have = {identity(r) for r in current}
     found = {}
     for path in sorted((save_dir / "done").glob("*.json")):
         row = json.loads(path.read_text())
-        if row.get("defaults", "") == defaults_tag(defaults) and row_identity(row) not in have and keep(row):
-            found.setdefault(row_identity(row), row)
+        if row.get("defaults", "") == defaults_tag(defaults) and identity(row) not in have and keep(row):
+            found.setdefault(identity(row), row)
     return list(found.values())
 
 

@@ -41,6 +41,8 @@ import yaml
 
 from common import ROOT, machine, now, write_tables
 
+from tca_lightning.quant.transforms import TRANSFORM_BUFFERS
+
 MODELS = {"dit-xl-2-256": "random:dit-xl-2-256", "pixart-alpha-512": "random:pixart-alpha-512"}
 COLUMNS = ("model", "embedders", "recipe", "transforms", "params_m", "quantized_linears", "linear_fp16_mb", "linear_packed_mb", "linear_ratio",
            "linear_bits_per_weight", "transformer_fp16_mb", "transformer_packed_mb", "transformer_ratio",
@@ -77,7 +79,7 @@ def state_bytes(module: torch.nn.Module) -> dict[str, int]:
             continue
         seen.add(ptr)
         # input transforms (smoothing vectors, rotation factors) are stored in FP32 by save_quantized: count that
-        transform = key.rpartition(".")[2] in ("smooth", "rotation", "rotation_left", "rotation_right")
+        transform = key.rpartition(".")[2] in TRANSFORM_BUFFERS and not key.endswith(".perm")
         out[key] = t.numel() * t.element_size() if transform else stored_bytes(t)
     return out
 
@@ -137,7 +139,7 @@ def measure(model: str, recipe_name: str, recipe, tied: bool = False, seed: int 
     linear_packed = sum(p.weight_nbytes() for p in packed.values())
     linear_weights = sum(p.in_features * p.out_features for p in packed.values())
     total = sum(sizes.values())
-    transform_keys = tuple(f"PackedLinear.{t}" for t in ("smooth", "rotation", "rotation_left", "rotation_right", "perm"))
+    transform_keys = tuple(f"PackedLinear.{t}" for t in TRANSFORM_BUFFERS)
     kept = {k: v for k, v in kinds.items() if k not in ("PackedLinear.qweight", "PackedLinear.weight_scale")
             and k not in transform_keys}
     dense_rotations = sum(2 * p.in_features ** 2 for p in packed.values()) if transforms == "tca" else 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import CONFIGS, ROOT, accelerator_of, cli_args, machine, now, run_many, threads_per_job, write_tables
+from common import CONFIGS, ROOT, accelerator_of, cli_args, earlier_rows, machine, now, run_many, threads_per_job, write_tables
 
 COLUMNS = ("model", "group_size", "rgq", "wbits", "abits", "seed", "psnr_vs_fp", "mse_vs_fp", "fid", "kid", "cond_acc",
            "calib_seconds", "sampling_seconds", "num_samples", "device")
@@ -114,13 +113,10 @@ def main() -> None:
         return "group_size" in row and row.get("num_samples") == samples and row.get("steps") == steps
 
     def write(rows: list[dict]) -> str:
-        # every finished row (this and earlier invocations), one per (model, G, RGQ): the newest wins
+        # one row per (model, G, RGQ), from this invocation and earlier ones
         identity = lambda r: (r["model"], r["group_size"], r["rgq"])  # noqa: E731
-        found = {identity(r): r for r in (json.loads(p.read_text()) for p in sorted((save_dir / "done").glob("*.json"),
-                                                                                   key=lambda p: p.stat().st_mtime))
-                 if keep(r)}
-        found.update({identity(r): r for r in rows})
-        rows = sorted(({**r, "device": accelerator_of(r)} for r in found.values()),
+        rows = [*rows, *earlier_rows(save_dir, rows, keep, identity=identity)]
+        rows = sorted(({**r, "device": accelerator_of(r)} for r in rows),
                       key=lambda r: (r["model"], r["group_size"], not r["rgq"]))
         wall = round(time.time() - start, 1)
         notes = [f"W4A4 (dynamic per-token activation groups, weight groups, FP16 weight scales), embedders and final "

@@ -45,7 +45,6 @@ from tca_lightning.quant.quantizers import QuantSpec, fake_quant
 from tca_lightning.quant.transforms import (TRANSFORM_BUFFERS, Rotation, check_rotation, rotation_buffers,
                                             stored_rotation, transform_input)
 
-TRANSFORMS = TRANSFORM_BUFFERS
 CONFIG_KEYS = ("in_features", "out_features", "weight_bits", "act_bits", "weight_group_size", "act_group_size",
                "act_symmetric", "name", "role")
 
@@ -172,7 +171,7 @@ class PackedLinear(nn.Module):
         """What a checkpoint's JSON records about this layer (rebuild with :meth:`from_config`)."""
         cfg = {key: getattr(self, key) for key in CONFIG_KEYS}
         cfg.update(weight_format=self.weight_format, pack_group_size=self.pack_group_size, bias=self.bias is not None,
-                   transforms=[t for t in TRANSFORMS if getattr(self, t) is not None])
+                   transforms=[t for t in TRANSFORM_BUFFERS if getattr(self, t) is not None])
         return cfg
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -288,4 +287,4 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{self.in_features}->{self.out_features}", f"W{self.weight_bits}A{self.act_bits}",
                  f"{self.weight_format} weight", f"groups w{self.weight_group_size}/a{self.act_group_size}"]
-        return ", ".join(parts + [t for t in TRANSFORMS if getattr(self, t) is not None])
+        return ", ".join(parts + [t for t in TRANSFORM_BUFFERS if getattr(self, t) is not None])

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from tca_lightning.quant.transforms import apply_kron, kron_factors, random_hadamard
+from tca_lightning.quant.transforms import (apply_kron, fold_input_transform, kron_factors, random_hadamard,
+                                            rotation_matrix)
 
 
 class _Matrix(nn.Module):
@@ -79,17 +80,11 @@ class KronTransform(nn.Module):
 
     def rotation_matrix(self) -> torch.Tensor | None:
         f = self.factors()
-        return None if f is None else torch.kron(f[0], f[1])
+        return None if f is None else rotation_matrix(f)
 
     def fold_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W' with forward(x) @ W'^T == x @ W^T: (W diag(s)) (R_a ⊗ R_b)."""
-        s = self.scale()
-        if s is not None:
-            weight = weight * s
-        f = self.factors()
-        if f is not None:
-            weight = apply_kron(weight, f[0], f[1])
-        return weight
+        return fold_input_transform(weight, self.scale(), self.factors())
 
     def orthogonality_error(self) -> float:
         """max over factors of ||R^T R - I||_max (0 for no rotation)."""
