@@ -21,8 +21,9 @@ parameters) and ``tied`` (one shared embedder as in the DiT paper, 675M;
 - ``g128-w4-all``: groups of 128 and the embedders/final layer at W4 too (not a repo recipe).
 
 ``--transforms tca`` also gives every quantized linear the fixed input transform a TCA-DiT checkpoint
-stores (ARC's smoothing vector and Kronecker rotation factors, RGQ's permutation where activations are
-grouped), so the ratio is that of what ``fit`` writes, not of bare RTN weights; ``dense_rotation_mb``
+stores (ARC's smoothing vector and Kronecker rotation factors in FP16, RGQ's int16 permutation where
+activations are grouped; one per shared input, as save_quantized stores q/k/v's once), so the ratio is
+that of what ``fit`` writes, not of bare RTN weights; ``dense_rotation_mb``
 says what the same rotations would cost stored as k x k matrices (format 1, before they were kept factored).
 
 Writes benchmarks/results/memory.{md,csv,json}.
@@ -71,16 +72,22 @@ def stored_bytes(t: torch.Tensor) -> int:
 
 
 def state_bytes(module: torch.nn.Module) -> dict[str, int]:
-    """{state_dict key: stored bytes}, each storage counted once (tied tensors)."""
-    out, seen = {}, set()
+    """{state_dict key: stored bytes}, each storage counted once (tied tensors). Input transforms count as
+    save_quantized stores them: at their own dtype (FP16 after ARC.bake), each distinct one once
+    (export.store_once: q, k and v share theirs)."""
+    from tca_lightning.export import store_once
+
+    out, seen, transforms = {}, set(), {}
     for key, t in module.state_dict().items():
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()) if t.numel() else None
         if ptr in seen:
             continue
         seen.add(ptr)
-        # input transforms (smoothing vectors, rotation factors) are stored in FP32 by save_quantized: count that
-        transform = key.rpartition(".")[2] in TRANSFORM_BUFFERS and not key.endswith(".perm")
-        out[key] = t.numel() * t.element_size() if transform else stored_bytes(t)
+        if key.rpartition(".")[2] in TRANSFORM_BUFFERS:
+            transforms[key] = t
+        else:
+            out[key] = stored_bytes(t)
+    out.update({key: t.numel() * t.element_size() for key, t in store_once(transforms)[0].items()})
     return out
 
 
@@ -94,27 +101,38 @@ def owner_kind(module: torch.nn.Module, key: str) -> str:
 def pack_transformer(transformer: torch.nn.Module, recipe, transforms: str = "none") -> dict:
     """Swap every linear the recipe quantizes for its PackedLinear (in place); returns them by name.
 
-    ``transforms="tca"``: each first gets TCA-DiT's stored input transform (values do not matter for bytes).
+    ``transforms="tca"``: each first gets TCA-DiT's stored input transform (random values: only how many
+    distinct ones there are matters for bytes).
     """
     from tca_lightning.kernels.packed_linear import PackedLinear
     from tca_lightning.methods.base import _set_submodule
     from tca_lightning.models.adapters import get_adapter
     from tca_lightning.quant.linear import QuantLinear
-    from tca_lightning.quant.transforms import kron_factors
+    from tca_lightning.quant.transforms import fp16_values, kron_factors
 
     packed = {}
-    for ref in get_adapter(transformer).linears():
+    adapter = get_adapter(transformer)
+    group_of = {name: i for i, group in enumerate(adapter.shared_input_groups()) for name in group}
+    made = {}  # one transform per shared input (q/k/v), as ARC learns and RGQ orders them
+
+    def tca_transform(name: str, k: int, grouped: bool) -> dict:
+        if group_of.get(name, name) not in made:
+            a, b = kron_factors(k)
+            made[group_of.get(name, name)] = {  # distinct values per input, FP16-rounded like ARC.bake's
+                "smooth": fp16_values(torch.rand(k) + 0.5),
+                "rotation": tuple(fp16_values(torch.linalg.qr(torch.randn(n, n))[0]) for n in (a, b)),
+                "perm": torch.randperm(k) if grouped else None}
+        return made[group_of.get(name, name)]
+
+    for ref in adapter.linears():
         specs = recipe.specs(ref.role)
         if specs is None:
             continue
         q = QuantLinear.from_float(ref.module, *specs, name=ref.name)
         q.role = ref.role
         if transforms == "tca":
-            k = q.in_features
-            a, b = kron_factors(k)
             grouped = q.act_spec.enabled and q.act_spec.granularity == "group"
-            q.set_transform(smooth=torch.ones(k), rotation=(torch.eye(a), torch.eye(b)),
-                            perm=torch.arange(k) if grouped else None)
+            q.set_transform(**tca_transform(ref.name, q.in_features, grouped))
         packed[ref.name] = PackedLinear.from_quant_linear(q)
         _set_submodule(transformer, ref.name, packed[ref.name])
     return packed
@@ -186,9 +204,10 @@ def main() -> None:
              "codes or scales: quantized linears' biases, label-embedding tables, the patch-embed conv, "
              "positional embeddings, scale-shift tables",
              "transforms tca: each quantized linear also stores TCA-DiT's smoothing vector, Kronecker rotation "
-             "factors and (grouped activations) RGQ permutation, as fit's checkpoint does (these at their stored "
-             "dtypes: FP32 smoothing and rotation factors, int16 permutations); dense_rotation_mb: the same "
-             "rotations as k x k FP16 matrices (what format 1 stored, in FP32 even)",
+             "factors and (grouped activations) RGQ permutation, as fit's checkpoint (format 3) does: FP16 "
+             "smoothing and rotation factors (ARC.bake rounds them; the weight fold is exact for the rounded "
+             "factors), int16 permutations, each distinct tensor once (q/k/v share one input's); "
+             "dense_rotation_mb: the same rotations as k x k FP16 matrices per layer (format 1, in FP32 even)",
              "DiT embedders 'per block': diffusers' layout (28 equal timestep/label embedders, what a converted "
              "checkpoint and save_quantized store); 'tied': one shared embedder, as the DiT paper's model"]
     print(write_tables("memory", "Weight memory: packed checkpoint vs FP16 (DiT-XL/2, PixArt-alpha 512)", header,

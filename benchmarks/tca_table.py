@@ -3,7 +3,8 @@
     python benchmarks/tca_table.py                 # full: 1,000 samples, 50 steps, W4A4 + W4A8 + ablations
     python benchmarks/tca_table.py --quick         # 64 samples, 20 steps, calibration 16 x 10, W4A4 only
     python benchmarks/tca_table.py --jobs 2        # two runs side by side; rerun the same command to resume
-    python benchmarks/tca_table.py --seeds 0 1 2   # the main W4A4 rows on three sampling seeds (FID spread)
+    python benchmarks/tca_table.py --seeds 0 1 2   # the main W4A4 rows on three sampling seeds (FID spread):
+                                                   # seeds other than 0 re-sample seed 0's finalized checkpoint
     python benchmarks/tca_table.py --report        # the table of every row finished so far (any machine), running nothing
 
 Every row is ``python -m tca_lightning fit --config configs/<model>.yaml`` plus overrides: the same
@@ -17,8 +18,10 @@ benchmarks/results/tca_table{,_quick}.{md,csv,json}.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 from common import CONFIGS, ROOT, accelerator_of, at_budget, earlier_rows, machine, now, run_many, threads_per_job, write_tables
 
@@ -67,10 +70,8 @@ def main() -> None:
               "--model.init_args.calibration.num_steps", str(calib_t)]
     common += ["--trainer.accelerator", args.accelerator] if args.accelerator else []
     runs = []
-    for model in args.models:
-        for seed in args.seeds:
-            runs.append((model, common + ["--model.init_args.sampler.seed", str(seed)],
-                         {"variant": "tca-dit"}, "fit"))
+    for model in args.models:  # the calibration row (sampling seed 0); other seeds re-sample its checkpoint
+        runs.append((model, common + ["--model.init_args.sampler.seed", "0"], {"variant": "tca-dit"}, "fit"))
         if not args.quick and args.w4a8:
             runs.append((model, common + ["--model.init_args.recipe.abits=8"], {"variant": "tca-dit"}, "fit"))
         for variant in args.variants:
@@ -111,7 +112,40 @@ def main() -> None:
         print(write([]))
         return
     rows = run_many(runs, save_dir, args.jobs, on_done=write, fresh=args.fresh, defaults=defaults, provenance=header)
+    reseeds = seed_runs(args.models, [s for s in args.seeds if s != 0], [*rows, *earlier_rows(
+        save_dir, rows, same_budget, defaults)], common, save_dir)
+    if reseeds:
+        rows += run_many(reseeds, save_dir, args.jobs, on_done=lambda new: write([*rows, *new]), fresh=args.fresh,
+                         defaults=defaults, provenance=header)
     print(write(rows))
+
+
+def finalized_checkpoint(row: dict, save_dir: Path) -> Path | None:
+    """The finalized.ckpt of the fit that produced ``row``: its run folder holds the same metrics.json."""
+    for metrics in sorted(save_dir.glob(f"{row['model']}-*/*/version_*/metrics.json")):
+        found = json.loads(metrics.read_text())
+        if all(found.get(k) == row.get(k) for k in ("fid", "psnr_vs_fp", "seed", "num_samples")):
+            ckpt = metrics.parent / "checkpoints" / "finalized.ckpt"
+            return ckpt if ckpt.is_file() else None
+    return None
+
+
+def seed_runs(models: list[str], seeds: list[int], rows: list[dict], common: list[str], save_dir: Path) -> list[tuple]:
+    """``test`` runs of each model's seed-0 TCA-DiT W4A4 calibration (its finalized checkpoint) on other
+    sampling seeds: the seed-to-seed spread of FID is sampling noise, so the calibration is not redone."""
+    runs = []
+    for model in models if seeds else []:
+        base = [r for r in rows if r["model"] == model and r.get("variant") == "tca-dit" and r.get("abits") == 4
+                and r.get("seed", 0) == 0 and " fit " in r.get("command", "")]
+        ckpt = finalized_checkpoint(base[0], save_dir) if base else None
+        if ckpt is None or not ckpt.is_file():
+            print(f"seeds {seeds} of {model}: its seed-0 calibration's finalized checkpoint is not on this machine "
+                  f"({ckpt or 'no seed-0 row yet'}); run the seed-0 row here first", file=sys.stderr, flush=True)
+            continue
+        for seed in seeds:
+            runs.append((model, common + ["--ckpt_path", str(ckpt), "--model.init_args.sampler.seed", str(seed)],
+                         {"variant": "tca-dit", "calibrated_by": base[0]["command"]}, "test"))
+    return runs
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from tca_lightning.methods.base import QuantRecipe, wrap_linears
 from tca_lightning.models.adapters import ROLES, Condition, get_adapter
 from tca_lightning.models.samplers import SamplerConfig
 from tca_lightning.quant.learnable import KronTransform
-from tca_lightning.quant.transforms import smoothquant_scales
+from tca_lightning.quant.transforms import fp16_values, smoothquant_scales
 
 
 
@@ -322,7 +322,12 @@ class ARC(DiffusionEvaluator):
             if q.smooth is not None or q.input_rotation is not None:
                 raise ValueError(f"{name} already has a fixed smooth/rotation: bake() would compose them silently")
             q.transform = None
-            q.set_transform(smooth=t.scale(), rotation=t.factors())
+            # FP16 values, so the packed checkpoint stores them in half the bytes losslessly; the weight
+            # fold uses (A ⊗ B)^-T, exact for the rounded (no longer exactly orthogonal) factors; 2^-14 is
+            # FP16's smallest normal
+            smooth, factors = t.scale(), t.factors()
+            q.set_transform(smooth=None if smooth is None else fp16_values(smooth.clamp_min(2.0**-14)),
+                            rotation=None if factors is None else tuple(fp16_values(f) for f in factors))
         for name, spec in getattr(self, "_weight_specs", {}).items():
             self.qlinears[name].set_specs(weight_spec=spec)  # learned with FP weights: quantize them now
         self._weight_specs = {}

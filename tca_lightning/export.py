@@ -6,14 +6,16 @@ same parent, renamed into place: a reader never sees half of one, a failed expor
 - ``model.safetensors``: every packed tensor of every quantized linear (``<layer>.qweight``: INT4
   codes packed two per byte in the split-half layout, or int8; ``<layer>.weight_scale``: FP16 per
   group; ``<layer>.bias``; ``<layer>.smooth/rotation/perm``: the fixed input transform, the rotation either
-  dense or as its Kronecker factors ``rotation_left/rotation_right`` (format 2; TCA-DiT's), and every other
+  dense or as its Kronecker factors ``rotation_left/rotation_right`` (format 2; TCA-DiT's, in FP16: ARC.bake
+  rounds them to FP16 values), and every other
   parameter and buffer of the transformer in its own dtype (norms, embeddings, the conv patch embed,
   linears the recipe leaves in FP);
 - ``quantized.json``: ``format_version`` (:data:`FORMAT_VERSION`), the model it came from, the method
   and its recipe, the diffusers class and config (so the architecture is rebuilt without the
   original weights), every packed layer's bits, group sizes and layout, the caption encoder reference
-  (PixArt-style models), and the SHA-256 of the safetensors file (so corruption is caught on load,
-  not as garbage images).
+  (PixArt-style models), ``aliases`` (format 3: a tensor identical to an earlier one, e.g. the transform
+  q, k and v share, is stored once and named here), and the SHA-256 of the safetensors file (so
+  corruption is caught on load, not as garbage images).
 
 ``load_quantized`` rebuilds the diffusers transformer from its class and config, replaces the packed
 linears by :class:`~tca_lightning.kernels.packed_linear.PackedLinear`, loads the rest, and returns it:
@@ -37,8 +39,8 @@ from torch import nn
 from tca_lightning.kernels.packed_linear import PackedLinear
 from tca_lightning.quant.linear import QuantLinear
 
-FORMAT_VERSION = 2  # 2: Kronecker-factored rotations (rotation_left/right); otherwise as 1
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: identical tensors stored once ("aliases"); 2: Kronecker-factored rotations; 1: dense
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_NAME = "tca_lightning.packed"
 CONFIG_FILE = "quantized.json"
 TENSORS_FILE = "model.safetensors"
@@ -94,7 +96,7 @@ def save_quantized(module_or_adapter, path: str | os.PathLike, recipe=None, mode
     tensors = {f"{name}.{key}": t for name, layer in packed.items() for key, t in layer.tensors().items()}
     prefixes = tuple(f"{name}." for name in packed)
     tensors.update({k: v for k, v in transformer.state_dict().items() if not k.startswith(prefixes)})
-    tensors = _separate_storage(tensors)
+    tensors, aliases = store_once(_separate_storage(tensors))
     if dataclasses.is_dataclass(recipe):
         recipe = dataclasses.asdict(recipe)
     config = {
@@ -104,6 +106,7 @@ def save_quantized(module_or_adapter, path: str | os.PathLike, recipe=None, mode
                         "config": {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}},
         "caption_encoder": caption_encoder_reference(caption_encoder, model_name, class_name),
         "layers": {name: layer.config() for name, layer in packed.items()},
+        "aliases": aliases,
         "memory": memory_summary(packed.values()),
     }
     return _write_atomic(Path(path), tensors, config, overwrite)
@@ -138,6 +141,27 @@ def _separate_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             seen.add(ptr)
         out[key] = t
     return out
+
+
+def store_once(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors with each distinct one kept once, {dropped key: the key holding the same tensor}).
+
+    q, k and v read one input, so TCA-DiT gives them one transform (and RGQ one permutation): three
+    identical copies per block otherwise (0.9 MB of DiT-XL/2's 4.4 MB of transforms). Equal means same
+    dtype, shape and bytes, so loading an alias gives back exactly the tensor that was saved.
+    """
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+    kept, aliases, by_content = {}, {}, {}
+    for key, t in tensors.items():
+        digest = (t.dtype, tuple(t.shape), hashlib.sha256(raw(t).numpy().tobytes()).hexdigest())
+        first = by_content.setdefault(digest, key)
+        if first != key and torch.equal(raw(t), raw(kept[first])):
+            aliases[key] = first
+        else:
+            kept[key] = t
+    return kept, aliases
 
 
 def _sha256(path: Path) -> str:
@@ -255,6 +279,13 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
     folder = folder.parent if folder.is_file() else folder
     json_file, tensors_file = folder / CONFIG_FILE, folder / TENSORS_FILE
     tensors = _load_tensors(folder, config, "cpu")
+    aliases = config.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise _fail(json_file, f"has an 'aliases' section that is not a mapping ({type(aliases).__name__})")
+    for key, source in aliases.items():
+        if source not in tensors:
+            raise _fail(json_file, f"says {key!r} is stored as {source!r}, which {TENSORS_FILE} does not hold")
+        tensors[key] = tensors[source]
     transformer = _build_transformer(config, json_file)
     modules = dict(transformer.named_modules())
     for name, cfg in config["layers"].items():

@@ -106,6 +106,8 @@ def test_bake_turns_learned_transforms_into_exact_fixed_buffers(tmp_path):
     assert baked and all(q.transform is None and q.smooth is not None for q in baked)
     # the rotation stays Kronecker-factored (small to store, k (a + b) per token online), never densified
     assert all(q.rotation is None and isinstance(q.input_rotation, tuple) for q in baked)
+    # FP16 values (stored in FP16 by the packed checkpoint), which the fold keeps exact
+    assert all(torch.equal(f, f.half().float()) for q in baked for f in (q.smooth, *q.input_rotation))
     out = module.adapter.forward(x, t, cond)
     assert ((out - fp).abs().max() / fp.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="already has a fixed"):

@@ -23,7 +23,7 @@ import shutil
 import pytest
 import torch
 
-from tca_lightning.export import (CONFIG_FILE, TENSORS_FILE, load_quantized, pack_quantized_linears,
+from tca_lightning.export import (CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE, load_quantized, pack_quantized_linears,
                                   read_quantized_config, save_quantized)
 from tca_lightning.kernels.grouped import (group_code_sums, group_partials_int8, int8_group_gemm, quantize_act_codes,
                                            zero_point_correction)
@@ -196,16 +196,20 @@ def _packed_in_memory(transformer):
 
 def _kron_dit(tiny_dit):
     """RTN weights behind smoothing and Kronecker-factored rotations (the form TCA-DiT's ARC bakes)."""
-    from tca_lightning.quant.transforms import kron_factors, random_hadamard
+
+    from tca_lightning.quant.transforms import fp16_values, kron_factors, random_hadamard
 
     adapter = get_adapter(tiny_dit)
-    RTN(RECIPE).quantize(adapter)
-    for i, q in enumerate(m for m in adapter.transformer.modules() if isinstance(m, QuantLinear)):
-        a, b = kron_factors(q.in_features)
+    qlinears = RTN(RECIPE).quantize(adapter)
+    for i, group in enumerate(adapter.shared_input_groups(list(qlinears))):  # q/k/v: one transform, as ARC
+        k = qlinears[group[0]].in_features
+        a, b = kron_factors(k)
         g = torch.Generator().manual_seed(i)
-        q.set_transform(smooth=torch.rand(q.in_features, generator=g) + 0.5,
-                        rotation=(random_hadamard(a, seed=2 * i), random_hadamard(b, seed=2 * i + 1)))
-        q.freeze()
+        smooth = fp16_values(torch.rand(k, generator=g) + 0.5)  # FP16 values, as ARC.bake leaves them
+        rotation = (fp16_values(random_hadamard(a, seed=2 * i)), fp16_values(random_hadamard(b, seed=2 * i + 1)))
+        for name in group:
+            qlinears[name].set_transform(smooth=smooth.clone(), rotation=tuple(f.clone() for f in rotation))
+            qlinears[name].freeze()
     return adapter, "kron"
 
 
@@ -245,7 +249,7 @@ def test_save_load_round_trip(quantized, make_inputs, tmp_path):
         assert rel < 1e-5, rel  # the fake quant used the FP16 scales: summation order only (module docstring)
 
     config = json.loads((path / CONFIG_FILE).read_text())
-    assert config["format_version"] == 2 and config["method"] == method and config["model"] == "random:tiny"
+    assert config["format_version"] == FORMAT_VERSION == 3 and config["method"] == method and config["model"] == "random:tiny"
     assert config["recipe"]["wbits"] == 4 and config["recipe"]["group_size"] == 32
     assert config["transformer"]["class_name"] == type(adapter.transformer).__name__
     assert config["transformer"]["config"]["num_layers"] == 2
@@ -263,6 +267,15 @@ def test_save_load_round_trip(quantized, make_inputs, tmp_path):
         assert "rotation" not in roles["qkv"]["transforms"]
         layer = next(m for m in loaded.modules() if isinstance(m, PackedLinear) and m.role == "qkv")
         assert layer.rotation is None and tuple(layer.rotation_left.shape) == (8, 8)
+        # FP16-valued transforms are stored in FP16, and q/k/v's shared one once
+        assert layer.rotation_left.dtype == layer.smooth.dtype == torch.float16
+        q_name = next(n for n, r in config["layers"].items() if r["role"] == "qkv" and n.endswith("to_q"))
+        k_name = q_name[:-len("to_q")] + "to_k"
+        assert config["aliases"][f"{k_name}.rotation_left"] == f"{q_name}.rotation_left"
+        assert config["aliases"][f"{k_name}.smooth"] == f"{q_name}.smooth"
+        assert f"{k_name}.qweight" not in config["aliases"]  # different weights stay apart
+        assert config["safetensors"]["num_tensors"] + len(config["aliases"]) == len(loaded.state_dict()) - sum(
+            1 for k in loaded.state_dict() if k.endswith("._perm_index"))
     w4 = config["memory"]["w4"]  # 4 + 16/32 bits a weight: 3.56x under FP16
     assert w4["fp16_bytes"] / w4["weight_bytes"] > 3
     packed = [m for m in loaded.modules() if isinstance(m, PackedLinear) and m.weight_bits == 4]
@@ -341,8 +354,12 @@ def test_truncated_safetensors(saved):
 def test_unknown_format_version_and_bad_json(saved):
     path, _ = saved
     config = json.loads((path / CONFIG_FILE).read_text())
-    (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 3}))
-    with pytest.raises(ValueError, match="format_version 3, this tca_lightning reads format_version 1 or 2"):
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 4}))
+    with pytest.raises(ValueError, match="format_version 4, this tca_lightning reads format_version 1 or 2 or 3"):
+        load_quantized(path)
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "aliases": {"blocks.0.x.smooth": "no.such.tensor"}}))
+    with pytest.raises(ValueError, match="says 'blocks.0.x.smooth' is stored as 'no.such.tensor', which "
+                                         "model.safetensors does not hold"):
         load_quantized(path)
     (path / CONFIG_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=f"{CONFIG_FILE}: is not valid JSON"):

@@ -152,6 +152,27 @@ def test_a_kronecker_rotation_equals_its_dense_matrix_in_every_transform():
     assert torch.allclose(unfold_input_transform(fold_input_transform(w, s, pair, p), s, pair, p), w, atol=1e-10)
 
 
+def test_folds_stay_exact_for_fp16_rounded_kronecker_factors_that_are_not_orthogonal():
+    """ARC.bake stores FP16 values: R16 R16^T != I by ~1e-3, so the weight side takes (A ⊗ B)^-T, not A ⊗ B."""
+    from tca_lightning.quant.transforms import fp16_values, unfold_input_transform
+
+    torch.manual_seed(0)
+    pair = tuple(fp16_values(torch.linalg.qr(torch.randn(n, n))[0]) for n in (8, 12))
+    assert max(float((f.t() @ f - torch.eye(len(f))).abs().max()) for f in pair) > 1e-4
+    linear = torch.nn.Linear(96, 20)
+    q = QuantLinear.from_float(linear, OFF, OFF)
+    q.set_transform(smooth=fp16_values(torch.rand(96) + 0.5), rotation=pair, perm=torch.randperm(96))
+    x = torch.randn(40, 96)
+    assert rel_err(q(x), linear(x)) <= 1e-5
+    orthogonal_fold = linear.weight * q.smooth  # what W (A ⊗ B) would give: off by the factors' rounding
+    orthogonal_fold = apply_kron(orthogonal_fold, *pair)[:, q.perm]
+    naive = transform_input(x, q.smooth, pair, q.perm) @ orthogonal_fold.t() + linear.bias
+    assert rel_err(naive, linear(x)) > 1e-4
+    w_t = fold_input_transform(linear.weight.double(), q.smooth.double(), tuple(f.double() for f in pair), q.perm)
+    back = unfold_input_transform(w_t, q.smooth.double(), tuple(f.double() for f in pair), q.perm)
+    assert torch.allclose(back, linear.weight.double(), atol=1e-10)
+
+
 def test_a_quant_linear_keeps_a_kronecker_rotation_factored_and_rejects_bad_factors():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 16)

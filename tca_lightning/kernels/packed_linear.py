@@ -42,8 +42,8 @@ from tca_lightning.kernels.reference import _to_fp16_scale
 from tca_lightning.quant.grid import grid_codes
 from tca_lightning.quant.packing import pack_int4, unpack_int4
 from tca_lightning.quant.quantizers import QuantSpec, fake_quant
-from tca_lightning.quant.transforms import (TRANSFORM_BUFFERS, Rotation, check_rotation, rotation_buffers,
-                                            stored_rotation, transform_input)
+from tca_lightning.quant.transforms import (TRANSFORM_BUFFERS, Rotation, check_rotation, narrow_if_lossless,
+                                            rotation_buffers, stored_rotation, transform_input)
 
 CONFIG_KEYS = ("in_features", "out_features", "weight_bits", "act_bits", "weight_group_size", "act_group_size",
                "act_symmetric", "name", "role")
@@ -150,6 +150,7 @@ class PackedLinear(nn.Module):
         gw, ga = _spec_group(ws, k, "weight", name), _spec_group(as_, k, "activation", name)
         act_bits = as_.bits if as_.enabled else 32
         w = q.quantized_weight().detach()
+        rotation = q.input_rotation  # transforms baked to FP16 values (ARC.bake) are stored in FP16
         scale16 = None
         if ws.enabled:
             codes, scale = grid_codes(w, ws.bits, gw, name=name)
@@ -161,7 +162,9 @@ class PackedLinear(nn.Module):
         return cls(k, q.out_features, weight_bits=ws.bits if ws.enabled else 32, act_bits=act_bits,
                    weight_group_size=gw, act_group_size=ga, act_symmetric=as_.symmetric, qweight=qweight,
                    weight_scale=scale16, bias=None if q.bias is None else q.bias.detach().clone(),
-                   smooth=q.smooth, rotation=q.input_rotation, perm=q.perm, name=name, role=getattr(q, "role", None))
+                   smooth=narrow_if_lossless(q.smooth), perm=q.perm, name=name, role=getattr(q, "role", None),
+                   rotation=None if rotation is None else (tuple(map(narrow_if_lossless, rotation))
+                                                           if isinstance(rotation, tuple) else narrow_if_lossless(rotation)))
 
     @property
     def input_rotation(self) -> Rotation | None:

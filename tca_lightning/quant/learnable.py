@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from tca_lightning.quant.transforms import (apply_kron, fold_input_transform, kron_factors, random_hadamard,
-                                            rotation_matrix)
+from tca_lightning.quant.transforms import apply_kron, kron_factors, random_hadamard, rotation_matrix
 
 
 class _Matrix(nn.Module):
@@ -83,8 +82,11 @@ class KronTransform(nn.Module):
         return None if f is None else rotation_matrix(f)
 
     def fold_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """W' with forward(x) @ W'^T == x @ W^T: (W diag(s)) (R_a ⊗ R_b)."""
-        return fold_input_transform(weight, self.scale(), self.factors())
+        """W' with forward(x) @ W'^T == x @ W^T: (W diag(s)) (R_a ⊗ R_b), the factors being orthogonal
+        (no inverse in the training graph, unlike fold_input_transform's fixed factors)."""
+        s, f = self.scale(), self.factors()
+        w = weight if s is None else weight * s.to(weight.dtype)
+        return w if f is None else apply_kron(w, f[0].to(w.dtype), f[1].to(w.dtype))
 
     def orthogonality_error(self) -> float:
         """max over factors of ||R^T R - I||_max (0 for no rotation)."""

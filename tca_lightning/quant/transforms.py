@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from tca_lightning.quant.quantizers import FP16_MAX
+
 Rotation = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
@@ -134,11 +136,28 @@ def fold_input_transform(weight: torch.Tensor, smooth: torch.Tensor | None = Non
     w = weight
     if smooth is not None:
         w = w * smooth
-    if rotation is not None:
+    if isinstance(rotation, tuple):  # W (A ⊗ B)^-T = W (A^-T ⊗ B^-T): exact for factors that are not exactly
+        # orthogonal (TCA-DiT stores them rounded to FP16); for orthogonal ones it is W (A ⊗ B)
+        w = apply_kron(w, *(torch.linalg.inv(f.double()).t().to(w.dtype) for f in rotation))
+    elif rotation is not None:  # a dense rotation is orthogonal by contract (QuaRot's Hadamard): W R
         w = rotate(w, rotation)
     if perm is not None:
         w = w[:, perm]
     return w
+
+
+def fp16_values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to FP16 values (clamped to FP16's finite range), kept in ``t``'s dtype: transforms baked
+    this way are stored in FP16 losslessly, half the bytes of FP32."""
+    return t.detach().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(t.dtype)
+
+
+def narrow_if_lossless(t: torch.Tensor | None) -> torch.Tensor | None:
+    """FP16 when that loses nothing (a baked transform), else ``t`` unchanged."""
+    if t is None or t.dtype == torch.float16 or not t.dtype.is_floating_point:
+        return t
+    half = t.to(torch.float16)
+    return half if torch.equal(half.to(t.dtype), t) else t
 
 
 def transform_gram(gram: torch.Tensor, smooth: torch.Tensor | None = None, rotation: Rotation | None = None,
@@ -172,8 +191,8 @@ def unfold_input_transform(weight_t: torch.Tensor, smooth: torch.Tensor | None =
     w = weight_t.double()
     if perm is not None:
         w = w[:, invert_permutation(perm)]
-    if isinstance(rotation, tuple):  # (A ⊗ B)^-1 = A^-1 ⊗ B^-1
-        w = apply_kron(w, torch.linalg.inv(rotation[0].double()), torch.linalg.inv(rotation[1].double()))
+    if isinstance(rotation, tuple):  # the fold multiplied by (A ⊗ B)^-T: undo with A^T ⊗ B^T
+        w = apply_kron(w, rotation[0].double().t(), rotation[1].double().t())
     elif rotation is not None:
         w = torch.linalg.solve(rotation.double().t(), w.t()).t()  # W R = M  <=>  R^T W^T = M^T
     if smooth is not None:
