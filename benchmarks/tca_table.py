@@ -44,6 +44,8 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "fp-weights": [A + "fake_quant_weights=false"],
     "no-align fp-weights": [A + "lambda_align=0.0", A + "fake_quant_weights=false"],
     "epochs-16": ["--trainer.max_epochs=16"],
+    "rtn-weights": ["--trainer.callbacks.init_args.gptq=false"],  # finalize rounds weights instead of GPTQ
+    "no-rgq": ["--trainer.callbacks.init_args.rgq=false"],
     "no-align epochs-16": [A + "lambda_align=0.0", "--trainer.max_epochs=16"],
 }
 COLUMNS = ("model", "method", "variant", "device", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
