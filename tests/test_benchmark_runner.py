@@ -113,3 +113,34 @@ def test_rows_remember_the_invocation_that_made_them(common, tmp_path, monkeypat
     monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     markdown = common.write_tables("t", "T", {"invocation": "x", "date": "d", "machine": "m"}, rows, ("model",))
     assert "1 rows: `python benchmarks/ptq_table.py --accelerator gpu` on H100, today" in markdown
+
+
+@pytest.fixture
+def tca_table(repo_root, monkeypatch):
+    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_tca_table", repo_root / "benchmarks" / "tca_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_other_sampling_seeds_resample_the_seed_0_calibration_instead_of_refitting(tca_table, tmp_path, capsys):
+    fit = {"model": "tiny-dit", "variant": "tca-dit", "abits": 4, "seed": 0, "fid": 2.5, "psnr_vs_fp": 24.0,
+           "num_samples": 1000, "command": "python -m tca_lightning fit --config configs/tiny_dit.yaml"}
+    run = tmp_path / "tiny-dit-abc" / "tiny_dit" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({**fit, "fid": 9.9}))  # another run's metrics: not this row's
+    assert tca_table.finalized_checkpoint(fit, tmp_path) is None
+    (run / "metrics.json").write_text(json.dumps(fit))
+    assert tca_table.finalized_checkpoint(fit, tmp_path) is None  # the run left no finalized.ckpt
+    (run / "checkpoints" / "finalized.ckpt").write_bytes(b"x")
+    assert tca_table.finalized_checkpoint(fit, tmp_path) == run / "checkpoints" / "finalized.ckpt"
+
+    common = ["--data.init_args.num_samples", "1000"]
+    runs = tca_table.seed_runs(["tiny-dit", "tiny-pixart"], [1, 2], [fit, {**fit, "abits": 8}], common, tmp_path)
+    assert [r[0] for r in runs] == ["tiny-dit", "tiny-dit"] and {r[3] for r in runs} == {"test"}
+    assert runs[1][1] == common + ["--ckpt_path", str(run / "checkpoints" / "finalized.ckpt"),
+                                   "--model.init_args.sampler.seed", "2"]
+    assert runs[0][2] == {"variant": "tca-dit", "calibrated_by": fit["command"]}
+    assert "seeds [1, 2] of tiny-pixart" in capsys.readouterr().err  # no seed-0 row: said, not guessed
+    assert tca_table.seed_runs(["tiny-dit"], [], [fit], common, tmp_path) == []
