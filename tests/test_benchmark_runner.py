@@ -9,12 +9,18 @@ import threading
 import pytest
 
 
-@pytest.fixture
-def common(repo_root, monkeypatch):
+def load_benchmark(repo_root, monkeypatch, name: str):
+    """A fresh copy of benchmarks/<name>.py (its own imports resolved from benchmarks/)."""
     monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_common", repo_root / "benchmarks" / "common.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", repo_root / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def common(repo_root, monkeypatch):
+    module = load_benchmark(repo_root, monkeypatch, "common")
     calls, lock = [], threading.Lock()
 
     def fake_run_cli(model, overrides, save_dir, env=None, subcommand="test"):
@@ -117,11 +123,7 @@ def test_rows_remember_the_invocation_that_made_them(common, tmp_path, monkeypat
 
 @pytest.fixture
 def tca_table(repo_root, monkeypatch):
-    monkeypatch.syspath_prepend(str(repo_root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_tca_table", repo_root / "benchmarks" / "tca_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(repo_root, monkeypatch, "tca_table")
 
 
 def test_other_sampling_seeds_resample_the_seed_0_calibration_instead_of_refitting(tca_table, tmp_path, capsys):
