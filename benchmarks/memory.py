@@ -116,13 +116,12 @@ def pack_transformer(transformer: torch.nn.Module, recipe, transforms: str = "no
     made = {}  # one transform per shared input (q/k/v), as ARC learns and RGQ orders them
 
     def tca_transform(name: str, k: int, grouped: bool) -> dict:
-        if group_of.get(name, name) not in made:
-            a, b = kron_factors(k)
-            made[group_of.get(name, name)] = {  # distinct values per input, FP16-rounded like ARC.bake's
-                "smooth": fp16_values(torch.rand(k) + 0.5),
-                "rotation": tuple(fp16_values(torch.linalg.qr(torch.randn(n, n))[0]) for n in (a, b)),
-                "perm": torch.randperm(k) if grouped else None}
-        return made[group_of.get(name, name)]
+        key = group_of.get(name, name)
+        if key not in made:  # distinct values per input, FP16-rounded like ARC.bake's
+            made[key] = {"smooth": fp16_values(torch.rand(k) + 0.5),
+                         "rotation": tuple(fp16_values(torch.linalg.qr(torch.randn(n, n))[0]) for n in kron_factors(k)),
+                         "perm": torch.randperm(k) if grouped else None}
+        return made[key]
 
     for ref in adapter.linears():
         specs = recipe.specs(ref.role)

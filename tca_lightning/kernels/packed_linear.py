@@ -107,8 +107,10 @@ class PackedLinear(nn.Module):
                 self._check(r_name, value, tuple(value.shape), None)
         self.register_buffer("qweight", qweight)
         self.register_buffer("weight_scale", None if self.weight_format == "float" else weight_scale)
-        for b_name, value in (("bias", bias), ("smooth", smooth), *rotations.items(), ("perm", perm)):
-            self.register_buffer(b_name, value)
+        self.register_buffer("bias", bias)
+        for b_name, value in (("smooth", smooth), *rotations.items()):  # FP16 where lossless (ARC.bake's values)
+            self.register_buffer(b_name, narrow_if_lossless(value))
+        self.register_buffer("perm", perm)
         self.register_buffer("_perm_index", None if perm is None else perm.long(), persistent=False)
         # derived, rebuilt on load (not in checkpoints): scales on the GEMM's groups, weight code sums per group
         self.register_buffer("_gemm_scale", None, persistent=False)
@@ -150,7 +152,6 @@ class PackedLinear(nn.Module):
         gw, ga = _spec_group(ws, k, "weight", name), _spec_group(as_, k, "activation", name)
         act_bits = as_.bits if as_.enabled else 32
         w = q.quantized_weight().detach()
-        rotation = q.input_rotation  # transforms baked to FP16 values (ARC.bake) are stored in FP16
         scale16 = None
         if ws.enabled:
             codes, scale = grid_codes(w, ws.bits, gw, name=name)
@@ -162,9 +163,7 @@ class PackedLinear(nn.Module):
         return cls(k, q.out_features, weight_bits=ws.bits if ws.enabled else 32, act_bits=act_bits,
                    weight_group_size=gw, act_group_size=ga, act_symmetric=as_.symmetric, qweight=qweight,
                    weight_scale=scale16, bias=None if q.bias is None else q.bias.detach().clone(),
-                   smooth=narrow_if_lossless(q.smooth), perm=q.perm, name=name, role=getattr(q, "role", None),
-                   rotation=None if rotation is None else (tuple(map(narrow_if_lossless, rotation))
-                                                           if isinstance(rotation, tuple) else narrow_if_lossless(rotation)))
+                   smooth=q.smooth, rotation=q.input_rotation, perm=q.perm, name=name, role=getattr(q, "role", None))
 
     @property
     def input_rotation(self) -> Rotation | None:

@@ -89,19 +89,17 @@ def choose_qparams(x: torch.Tensor, spec: QuantSpec, clip_ratio: torch.Tensor | 
     v = _reduce_view(x, spec, name)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
     eps = torch.finfo(torch.float32).tiny
-    if spec.symmetric and not torch.is_grad_enabled():  # one pass instead of abs() then amax()
+    if not torch.is_grad_enabled():  # sampling: one pass for both extremes
         vmin, vmax = torch.aminmax(v, dim=-1, keepdim=True)
-        scale = round_scale((torch.maximum(-vmin, vmax) * ratio / qmax).clamp_min(eps), spec.scale_dtype)
-        zero = torch.zeros_like(scale)
-    elif spec.symmetric:
-        absmax = v.abs().amax(-1, keepdim=True) * ratio
-        scale = round_scale((absmax / qmax).clamp_min(eps), spec.scale_dtype)
+        absmax = torch.maximum(-vmin, vmax)
+    elif spec.symmetric:  # training: abs and amax, differentiable as before
+        absmax = v.abs().amax(-1, keepdim=True)
+    else:
+        vmin, vmax = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
+    if spec.symmetric:
+        scale = round_scale((absmax * ratio / qmax).clamp_min(eps), spec.scale_dtype)
         zero = torch.zeros_like(scale)
     else:
-        if torch.is_grad_enabled():
-            vmin, vmax = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
-        else:
-            vmin, vmax = torch.aminmax(v, dim=-1, keepdim=True)
         vmax = vmax.clamp_min(0) * ratio
         vmin = vmin.clamp_max(0) * ratio
         scale = round_scale(((vmax - vmin) / (qmax - qmin)).clamp_min(eps), spec.scale_dtype)
