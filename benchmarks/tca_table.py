@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--accelerator", default=None, help="e.g. gpu on a lent GPU machine (configs say cpu)")
     parser.add_argument("--w4a8", action=argparse.BooleanOptionalAction, default=True,
                         help="the W4A8 row of each model (full budget only)")
+    parser.add_argument("--main", action=argparse.BooleanOptionalAction, default=True,
+                        help="the W4A4 TCA-DiT calibration row of each model (--no-main: only W4A8 and the variants, "
+                             "e.g. on a GPU when the main rows were run on the CPU: the device joins a row's key)")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--quick", action="store_true")
@@ -73,7 +76,8 @@ def main() -> None:
     common += ["--trainer.accelerator", args.accelerator] if args.accelerator else []
     runs = []
     for model in args.models:  # the calibration row (sampling seed 0); other seeds re-sample its checkpoint
-        runs.append((model, common + ["--model.init_args.sampler.seed", "0"], {"variant": "tca-dit"}, "fit"))
+        if args.main:
+            runs.append((model, common + ["--model.init_args.sampler.seed", "0"], {"variant": "tca-dit"}, "fit"))
         if not args.quick and args.w4a8:
             runs.append((model, common + ["--model.init_args.recipe.abits=8"], {"variant": "tca-dit"}, "fit"))
         for variant in args.variants:
