@@ -114,11 +114,12 @@ def cached_trajectories(adapter: DiffusionAdapter, cond: Condition, indices, sam
 
 def calibration_trajectories(adapter: DiffusionAdapter, sampler: SamplerConfig, config: CalibrationConfig,
                              model_name: str) -> "Trajectories":
-    """The FP trajectories of a calibration budget: conditions drawn like the evaluation's (class i mod 10 /
-    a caption naming it) with their own noise seed, sampled with the evaluation's scheduler and guidance."""
+    """The FP trajectories of a calibration budget: conditions drawn like the evaluation's (class i mod the
+    model's classes / a caption naming digit i mod 10) with their own noise seed, sampled with the evaluation's scheduler and guidance."""
     from tca_lightning.data.conditions import batch_condition, condition_batch
 
-    batch = condition_batch(config.num_conditions, seed=config.seed)
+    num_classes = adapter.num_classes if adapter.kind == "dit" else 10  # DiT-XL/2: the 1,000 ImageNet classes
+    batch = condition_batch(config.num_conditions, num_classes=num_classes, seed=config.seed)
     device = next(adapter.transformer.parameters()).device
     traj_sampler = SamplerConfig(scheduler=sampler.scheduler, num_steps=config.num_steps,
                                  guidance_scale=sampler.guidance_scale, seed=config.seed)

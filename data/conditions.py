@@ -3,14 +3,17 @@
 Sample ``i`` always asks for the same thing (class ``i mod num_classes``; for caption models a
 caption naming that class, with style words drawn from ``i``), and its noise is seeded by
 ``i`` in the sampler, so a run's sample set is the same for any batch size or device count.
-Under DDP, Lightning's distributed sampler gives each rank its own indices.
+Batches are fixed blocks of indices (batch ``b`` holds ``b*B .. b*B+B-1``) dealt round-robin to
+the ranks, so batch ``b`` is the same computation on 1 or 8 devices: its saved shard
+(``DiffusionEvaluator.sample_dir``) is byte-identical, and a run interrupted on one device count
+resumes on another.
 """
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tca_lightning.models.captions import SLANT_WORDS, THICKNESS_WORDS, make_caption
 
@@ -31,6 +34,37 @@ class ConditionDataset(Dataset):
         return {"index": index, "label": label, "caption": caption}
 
 
+class ConditionBatches(Dataset):
+    """Batch ``b`` of a ConditionDataset: items ``b*B .. min(b*B+B, N)-1`` collated, with ``batch`` = b
+    and ``batch_size`` = B (what a sample shard's name and key depend on)."""
+
+    def __init__(self, conditions: ConditionDataset, batch_size: int):
+        self.conditions, self.batch_size = conditions, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.conditions) // self.batch_size)
+
+    def __getitem__(self, b: int) -> dict:
+        first = b * self.batch_size
+        count = min(self.batch_size, len(self.conditions) - first)
+        batch = condition_batch(count, self.conditions.num_classes, self.conditions.seed, offset=first)
+        return {**batch, "batch": b, "batch_size": self.batch_size}
+
+
+class RankBatches(DistributedSampler):
+    """Batches ``rank, rank + world, ...``: no padding, no repeats (a DistributedSampler repeats samples to
+    even out the ranks, which would count them twice in FID). Lightning leaves a DistributedSampler alone."""
+
+    def __init__(self, batches: Dataset, num_replicas: int = 1, rank: int = 0):
+        super().__init__(batches, num_replicas=num_replicas, rank=rank, shuffle=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class SamplingDataModule(L.LightningDataModule):
     """Streams sample indices with their requested class and caption to ``test``/``predict``."""
 
@@ -49,7 +83,9 @@ class SamplingDataModule(L.LightningDataModule):
         self.dataset = ConditionDataset(num_samples, num_classes, seed)
 
     def _loader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.hparams.batch_size, shuffle=False, num_workers=0)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        batches = ConditionBatches(self.dataset, self.hparams.batch_size)
+        return DataLoader(batches, batch_size=None, sampler=RankBatches(batches, world, rank), num_workers=0)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader()
@@ -63,7 +99,11 @@ def batch_condition(adapter, batch: dict, device=None):
     from tca_lightning.models.adapters import Condition
 
     if adapter.kind == "dit":
-        return Condition(labels=torch.as_tensor(batch["label"], device=device))
+        labels = torch.as_tensor(batch["label"], device=device)
+        if len(labels) and int(labels.max()) >= adapter.num_classes:
+            raise ValueError(f"class label {int(labels.max())} is out of range for a DiT with {adapter.num_classes} "
+                             f"classes: set data.init_args.num_classes <= {adapter.num_classes}")
+        return Condition(labels=labels)
     return adapter.encode_captions(list(batch["caption"])).to(device)
 
 

@@ -113,31 +113,63 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-class ImageMetrics(torch.nn.Module):
-    """FID, KID, IS, conditional accuracy and paired PSNR/MSE, accumulated over batches (DDP-synced)."""
+def save_sample_shard(path: Path, images01: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Write a batch's images as uint8 NHWC (ADM's sample format) with their indices; returns the images as
+    stored (uint8 back to [0, 1]), so a fresh run and a resumed one score the very same pixels."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, arr_0=pixels, indices=np.asarray([int(i) for i in batch["index"]]),
+             labels=np.asarray([int(v) for v in batch["label"]]))
+    os.replace(tmp, path)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous().float() / 255
 
-    def __init__(self, classifier: torch.nn.Module, kid_subset_size: int = 100):
+
+def load_sample_shard(path: Path, batch: dict) -> torch.Tensor:
+    with np.load(path) as shard:
+        if [int(i) for i in shard["indices"]] != [int(i) for i in batch["index"]]:
+            raise ValueError(f"sample shard {path} holds samples {shard['indices'].tolist()}, not this batch's "
+                             f"{[int(i) for i in batch['index']]}: delete it (or the folder) and rerun")
+        pixels = torch.from_numpy(shard["arr_0"])
+    return pixels.permute(0, 3, 1, 2).contiguous().float() / 255
+
+
+class ImageMetrics(torch.nn.Module):
+    """FID, KID, IS, conditional accuracy and paired PSNR/MSE, accumulated over batches (DDP-synced).
+
+    Without a classifier (``None``: no real set to score against, e.g. a random model in CI) only the
+    paired PSNR/MSE against the reference are computed."""
+
+    def __init__(self, classifier: torch.nn.Module | None, kid_subset_size: int = 100):
         super().__init__()
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.fid = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
-        self.kid = KernelInceptionDistance(feature=classifier, reset_real_features=False, subset_size=kid_subset_size)
-        self.inception_score = InceptionScore(feature=ClassifierLogits(classifier), splits=10)
-        self.cond_acc = MeanMetric()
+        self.classifier = classifier.eval().requires_grad_(False) if classifier is not None else None
+        self.fid = self.kid = self.inception_score = self.cond_acc = None
+        if classifier is not None:
+            self.fid = FrechetInceptionDistance(feature=classifier, reset_real_features=False)
+            self.kid = KernelInceptionDistance(feature=classifier, reset_real_features=False, subset_size=kid_subset_size)
+            self.inception_score = InceptionScore(feature=ClassifierLogits(classifier), splits=10)
+            self.cond_acc = MeanMetric()
         self.psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.mse = MeanSquaredError()
         self.kid_subset_size = kid_subset_size
         self.num_real = 0
         self.num_fake = 0
 
+    @property
+    def scores_distribution(self) -> bool:
+        return self.classifier is not None
+
     def reset(self) -> None:
         """Forget everything, real features included (they survive FID/KID's own reset)."""
         for metric in (self.fid, self.kid, self.inception_score, self.cond_acc, self.psnr, self.mse):
-            metric.reset()
-        for metric in (self.fid, self.kid):
+            if metric is not None:
+                metric.reset()
+        for metric in (self.fid, self.kid) if self.scores_distribution else ():
             for name, default in metric._defaults.items():
                 if name.startswith("real"):
                     setattr(metric, name, default.clone() if isinstance(default, torch.Tensor) else [])
-        self.kid.subset_size = self.kid_subset_size
+        if self.kid is not None:
+            self.kid.subset_size = self.kid_subset_size
         self.num_real = 0
         self.num_fake = 0
 
@@ -151,19 +183,29 @@ class ImageMetrics(torch.nn.Module):
         self.num_real += len(x)
 
     def update(self, images01: torch.Tensor, labels: torch.Tensor, reference01: torch.Tensor | None = None) -> None:
-        x = self._to_model_range(images01)
-        self.fid.update(x, real=False)
-        self.kid.update(x, real=False)
-        self.inception_score.update(x)
-        with torch.no_grad():
-            pred = self.classifier.logits(x).argmax(1)
-        self.cond_acc.update((pred == labels.to(pred.device)).float())
+        if self.scores_distribution:
+            x = self._to_model_range(images01)
+            self.fid.update(x, real=False)
+            self.kid.update(x, real=False)
+            self.inception_score.update(x)
+            with torch.no_grad():
+                pred = self.classifier.logits(x).argmax(1)
+            self.cond_acc.update((pred == labels.to(pred.device)).float())
         if reference01 is not None:
             self.psnr.update(images01, reference01)
             self.mse.update(images01, reference01)
-        self.num_fake += len(x)
+        self.num_fake += len(images01)
 
     def compute(self, seed: int = 0) -> dict:
+        out = {}
+        if self.scores_distribution:
+            out.update(self._distribution_scores(seed))
+        if self.psnr.update_count > 0:
+            out["psnr_vs_fp"] = float(self.psnr.compute())
+            out["mse_vs_fp"] = float(self.mse.compute())
+        return out
+
+    def _distribution_scores(self, seed: int) -> dict:
         n_real = int(sum(len(f) for f in self.kid.real_features))
         n_fake = int(sum(len(f) for f in self.kid.fake_features))
         self.kid.subset_size = max(2, min(self.kid_subset_size, n_real, n_fake))
@@ -171,16 +213,12 @@ class ImageMetrics(torch.nn.Module):
             torch.manual_seed(seed)
             kid_mean, kid_std = self.kid.compute()
             is_mean, is_std = self.inception_score.compute()
-        out = {
+        return {
             "fid": float(self.fid.compute()),
             "kid": float(kid_mean), "kid_std": float(kid_std),
             "is": float(is_mean), "is_std": float(is_std),
             "cond_acc": float(self.cond_acc.compute()),
         }
-        if self.psnr.update_count > 0:
-            out["psnr_vs_fp"] = float(self.psnr.compute())
-            out["mse_vs_fp"] = float(self.mse.compute())
-        return out
 
 
 class DiffusionEvaluator(L.LightningModule):
@@ -195,7 +233,7 @@ class DiffusionEvaluator(L.LightningModule):
         wbits: int = 32,
         abits: int = 32,
         classifier: str | None = None,
-        real_images: str = "mnist-heldout",
+        real_images: str | None = "mnist-heldout",
         kid_subset_size: int = 100,
         grid_samples: int = 100,
         vae: str | None = None,
@@ -203,6 +241,9 @@ class DiffusionEvaluator(L.LightningModule):
         quantization: QuantMethod | None = None,
         calibration: CalibrationConfig = CalibrationConfig(),
         quantized: str | None = None,
+        model_config: dict | None = None,
+        vae_config: dict | None = None,
+        sample_dir: str | None = None,
     ):
         """
         Args:
@@ -213,7 +254,8 @@ class DiffusionEvaluator(L.LightningModule):
             wbits: weight bits recorded in metrics.json (32 for FP32).
             abits: activation bits recorded in metrics.json.
             classifier: folder of the feature classifier (default: the shipped mnist-features).
-            real_images: real set for FID/KID: mnist-heldout (500 images) or mnist-train (4,500).
+            real_images: real set for FID/KID: mnist-heldout (500 images) or mnist-train (4,500); None scores
+                only the paired PSNR/MSE against the reference (a random model in CI has no real set).
             kid_subset_size: KID subset size (capped by the number of samples).
             grid_samples: how many samples go into the PNG grid.
             vae: AutoencoderKL folder/hub id for latent models.
@@ -225,11 +267,17 @@ class DiffusionEvaluator(L.LightningModule):
             quantized: a packed checkpoint from Finalize/save_quantized (e.g. runs/tiny_dit/version_0/quantized):
                 evaluate it with the integer kernels (tca_lightning.load_quantized) instead of ``model``, which
                 stays the FP reference for PSNR/MSE (use the model the checkpoint was made from).
+            model_config: config entries replacing a ``random:<arch>`` model's (configs/shrink/*.yaml).
+            vae_config: config entries replacing a ``random:<arch>`` VAE's.
+            sample_dir: keep every batch's images as a uint8 shard ``<sample_dir>/<key>/batch-<b>.npz`` (key: the
+                evaluated weights, sampler, VAE and batching); a rerun loads finished shards instead of sampling,
+                so an interrupted evaluation resumes, on any device count (the shards do not depend on it).
+                Metrics then score the uint8 images, as ADM's evaluator does.
         """
         super().__init__()
         self.save_hyperparameters()
         self.sampler = sampler if isinstance(sampler, SamplerConfig) else SamplerConfig(**sampler)
-        loaded = load_model(model, vae=vae, seed=self.sampler.seed)
+        loaded = load_model(model, vae=vae, seed=self.sampler.seed, model_config=model_config, vae_config=vae_config)
         self.transformer = loaded.transformer.requires_grad_(False)
         self.caption_encoder = loaded.caption_encoder
         self.vae = loaded.vae
@@ -250,7 +298,10 @@ class DiffusionEvaluator(L.LightningModule):
         elif quantized is not None and reference is None:
             # the FP model stays the reference: setup() rebinds self.transformer to the packed one, not this
             self.reference_model, self.reference_captions = self.transformer, self.caption_encoder
-        self.metrics = ImageMetrics(load_classifier(classifier), kid_subset_size)
+        if real_images is not None and real_images not in REAL_SETS:
+            raise ValueError(f"real_images must be one of {REAL_SETS} (the tiny models' digits) or None (paired "
+                             f"PSNR/MSE only), got {real_images!r}")
+        self.metrics = ImageMetrics(load_classifier(classifier) if real_images is not None else None, kid_subset_size)
         self._grid: list[torch.Tensor] = []
         self._sampling_seconds = 0.0
 
@@ -344,17 +395,26 @@ class DiffusionEvaluator(L.LightningModule):
         return {r.name: r.role for r in self.adapter.linears()}
 
     def on_test_start(self) -> None:
+        self._shard_key = None  # the evaluated weights may have changed since the last test (fit -> test)
         self.metrics.reset()
         self._grid, self._sampling_seconds = [], 0.0
+        if not self.metrics.scores_distribution:
+            return
         real = real_digits(self.hparams.real_images)
         shard = real[self.global_rank::self.trainer.world_size].to(self.device)
         for chunk in shard.split(250):
             self.metrics.update_real(chunk)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        start = time.perf_counter()
-        images = self.generate(self.adapter, batch)
-        self._sampling_seconds += time.perf_counter() - start
+        shard = self.sample_shard(batch)
+        if shard is not None and shard.is_file():
+            images = load_sample_shard(shard, batch).to(self.device)
+        else:
+            start = time.perf_counter()
+            images = self.generate(self.adapter, batch)
+            self._sampling_seconds += time.perf_counter() - start
+            if shard is not None:
+                images = save_sample_shard(shard, images, batch).to(self.device)
         reference = self.reference_images(batch) if self.compares_to_reference else None
         if not self.is_quantized and self.hparams.reference is None:
             self.store_reference(self.transformer, self.caption_encoder, batch, images)  # later PTQ runs reuse them
@@ -362,6 +422,20 @@ class DiffusionEvaluator(L.LightningModule):
         kept = sum(len(g) for g in self._grid)
         if kept < self.hparams.grid_samples:
             self._grid.append(images[: self.hparams.grid_samples - kept].cpu())
+
+    def sample_shard(self, batch: dict) -> Path | None:
+        """Where this batch's images are kept (``sample_dir``), or None."""
+        if self.hparams.sample_dir is None:
+            return None
+        if "batch" not in batch or "batch_size" not in batch:
+            raise ValueError("sample_dir needs batches numbered by SamplingDataModule ('batch' and 'batch_size')")
+        if getattr(self, "_shard_key", None) is None:
+            self._shard_key = hashlib.sha256(json.dumps({
+                "weights": weights_digest(self.transformer, self.caption_encoder), "vae": self.hparams.vae,
+                "vae_config": self.hparams.vae_config, "sampler": dataclasses.asdict(self.sampler),
+                "batch_size": int(batch["batch_size"]),
+            }, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return Path(self.hparams.sample_dir) / self._shard_key / f"batch-{int(batch['batch']):06d}.npz"
 
     def reference_path(self, model: torch.nn.Module, captions, batch: dict) -> Path | None:
         """Where a model's images for this batch live in ``reference_cache``, keyed by weights, sampler and noise."""
@@ -404,7 +478,7 @@ class DiffusionEvaluator(L.LightningModule):
             "num_samples": num_samples, "steps": sp.num_steps, "scheduler": sp.scheduler,
             "guidance_scale": sp.guidance_scale, "seed": sp.seed,
             "reference": hp.reference or ("fp" if self.compares_to_reference else None),
-            "real_images": hp.real_images, "feature_extractor": hp.classifier or "mnist-features",
+            "real_images": hp.real_images, "feature_extractor": (hp.classifier or "mnist-features") if hp.real_images else None,
             "sampling_seconds": round(self._sampling_seconds, 2), "peak_rss_mb": peak_rss_mb(), **results,
         }
         self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=False, rank_zero_only=True)

@@ -145,12 +145,12 @@ def any_adapter(request):
 
 @pytest.fixture(scope="session")
 def run_cli():
-    """``run_cli(*args, timeout=...)`` runs ``python -m tca_lightning`` from the repo root, one thread."""
+    """``run_cli(*args, timeout=..., extra_env=...)`` runs ``python -m tca_lightning`` from the repo root, one thread."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
 
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "tca_lightning", *args], cwd=REPO_ROOT, env=env,
+    def run(*args: str, timeout: float = 300, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tca_lightning", *args], cwd=REPO_ROOT, env={**env, **(extra_env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
     return run

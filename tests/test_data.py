@@ -128,6 +128,32 @@ def test_sampling_datamodule():
             SamplingDataModule(**bad)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_rank_batches_deal_fixed_batches_once(world):
+    """Every rank gets whole batches b = rank, rank + world, ...: together each sample exactly once (no
+    DistributedSampler padding), and batch b holds the same indices whatever the device count."""
+    from tca_lightning.data.conditions import ConditionBatches, RankBatches
+
+    batches = ConditionBatches(ConditionDataset(23, 10, 0), batch_size=4)
+    seen = {}
+    for rank in range(world):
+        for b in RankBatches(batches, world, rank):
+            assert b % world == rank and b not in seen
+            seen[b] = batches[b]
+        assert len(RankBatches(batches, world, rank)) == len(range(rank, 6, world))
+    assert sorted(seen) == list(range(6))
+    assert torch.equal(torch.cat([seen[b]["index"] for b in range(6)]), torch.arange(23))
+    assert seen[5]["index"].tolist() == [20, 21, 22] and seen[5]["batch"] == 5 and seen[5]["batch_size"] == 4
+
+
+def test_dit_labels_beyond_the_models_classes_fail_clearly(dit_adapter):
+    from tca_lightning.data.conditions import batch_condition, condition_batch
+
+    batch = condition_batch(12, num_classes=12)
+    with pytest.raises(ValueError, match="out of range for a DiT with 10 classes: set data.init_args.num_classes"):
+        batch_condition(dit_adapter, batch)
+
+
 # --- captions ---------------------------------------------------------------------------------------
 
 def test_make_and_read_captions():

@@ -308,3 +308,39 @@ def test_shipped_classifier_accuracy():
     with torch.no_grad():
         accuracy = (load_classifier().logits(images).argmax(1) == labels).float().mean().item()
     assert accuracy > 0.98
+
+
+# --- shrunk random architectures (configs/shrink/*.yaml) --------------------------------------------
+
+SHRUNK_DIT = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, sample_size=4)
+SHRUNK_VAE = dict(block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4, sample_size=8)
+
+
+def test_model_config_shrinks_a_random_architecture_and_keeps_the_rest():
+    from diffusers import AutoencoderKL
+
+    from tca_lightning.models.samplers import decode
+
+    loaded = load_model("random:dit-xl-2-256", vae="random:sd-vae-ft-ema", model_config=SHRUNK_DIT,
+                        vae_config=SHRUNK_VAE)
+    config = loaded.transformer.config
+    assert (config.num_layers, config.num_attention_heads * config.attention_head_dim) == (2, 32)
+    assert (config.num_embeds_ada_norm, config.in_channels, config.out_channels) == (1000, 4, 8)  # DiT-XL/2's
+    assert isinstance(loaded.vae, AutoencoderKL) and not loaded.vae.training
+    assert loaded.vae.config.scaling_factor == 0.18215 and tuple(loaded.vae.config.block_out_channels) == (8, 8)
+    images = decode(torch.randn(2, 4, 4, 4), loaded.vae)
+    assert images.shape == (2, 3, 8, 8) and images.is_contiguous() and 0 <= images.min() <= images.max() <= 1
+    again = load_model("random:dit-xl-2-256", vae="random:sd-vae-ft-ema", model_config=SHRUNK_DIT, vae_config=SHRUNK_VAE)
+    assert same_weights(loaded.vae, again.vae) and same_weights(loaded.transformer, again.transformer)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model="random:dit-xl-2-256", model_config={"num_layer": 2}), r"unknown config keys \['num_layer'\]"),
+    (dict(model="tiny-dit", model_config={"num_layers": 2}), "overrides a random:<arch> model"),
+    (dict(model="random:tiny-dit", vae="some/vae", vae_config={"layers_per_block": 1}), "overrides a random:<arch> VAE"),
+    (dict(model="random:tiny-dit", vae="random:no-such-vae"), "unknown VAE architecture 'no-such-vae'"),
+])
+def test_bad_architecture_overrides_fail_clearly(kwargs, message):
+    with pytest.raises((ValueError, ModelNotFoundError), match=message):
+        load_model(**kwargs)

@@ -269,3 +269,31 @@ def test_evaluator_can_be_tested_twice(tmp_path):
     assert second["num_samples"] == 6
     assert module.metrics.num_real == 500
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-4)  # same model, same noise: same scores
+
+
+def test_without_a_classifier_only_paired_metrics():
+    """No real set (a random model in CI): PSNR/MSE against the reference, no FID/KID/IS/accuracy."""
+    metrics = ImageMetrics(None)
+    a = torch.rand(4, 3, 8, 8)
+    b = (a + 0.1).clamp(0, 1)
+    metrics.reset()
+    metrics.update(a, torch.zeros(4, dtype=torch.long), b)
+    out = metrics.compute()
+    assert set(out) == {"psnr_vs_fp", "mse_vs_fp"} and metrics.num_fake == 4
+    assert abs(out["mse_vs_fp"] - float(((a - b) ** 2).mean())) < 1e-7
+    metrics.reset()
+    metrics.update(a, torch.zeros(4, dtype=torch.long))
+    assert metrics.compute() == {}
+
+
+def test_sample_shard_round_trip_and_mismatch(tmp_path):
+    from tca_lightning.evaluate import load_sample_shard, save_sample_shard
+
+    images = torch.rand(3, 3, 5, 5)
+    batch = {"index": torch.tensor([6, 7, 8]), "label": torch.tensor([6, 7, 8])}
+    path = tmp_path / "key" / "batch-000002.npz"
+    stored = save_sample_shard(path, images, batch)
+    assert (stored - images).abs().max() <= 0.5 / 255 + 1e-6 and stored.is_contiguous()
+    assert torch.equal(load_sample_shard(path, batch), stored) and not list(path.parent.glob(".*tmp*"))
+    with pytest.raises(ValueError, match=r"holds samples \[6, 7, 8\], not this batch's \[0, 1, 2\]: delete it"):
+        load_sample_shard(path, {"index": torch.tensor([0, 1, 2])})

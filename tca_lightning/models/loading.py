@@ -7,7 +7,12 @@ Accepted ``model`` strings:
 - a hub id (``facebook/DiT-XL-2-256``, ``PixArt-alpha/PixArt-XL-2-512x512``): loaded through
   diffusers from the local Hugging Face cache or the hub;
 - ``random:<arch>`` with ``<arch>`` in :data:`ARCHITECTURES`: the real architecture from its
-  config with random weights, for speed and memory benchmarks that do not depend on values.
+  config with random weights, for speed and memory benchmarks that do not depend on values;
+  ``model_config`` replaces entries of that config (configs/shrink/*.yaml: the same classes at tiny
+  widths, so every real config runs end to end in CI without weights).
+
+VAEs resolve the same way: a folder or hub id of an ``AutoencoderKL``, or ``random:<arch>`` with
+``<arch>`` in :data:`VAE_ARCHITECTURES` (and ``vae_config`` overrides).
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ ARCHITECTURES: dict[str, tuple[type, dict]] = {
     "tiny-dit": (DiTTransformer2DModel, TINY_DIT_CONFIG),
     "tiny-pixart": (PixArtTransformer2DModel, TINY_PIXART_CONFIG),
 }
+# AutoencoderKL configs: DiT-XL/2 and PixArt-alpha both decode with Stable Diffusion's VAE (sd-vae-ft-ema).
+VAE_ARCHITECTURES: dict[str, dict] = {
+    "sd-vae-ft-ema": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=256,
+                          block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                          up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, scaling_factor=0.18215),
+}
 _CLASSES = {"DiTTransformer2DModel": DiTTransformer2DModel, "PixArtTransformer2DModel": PixArtTransformer2DModel}
 
 
@@ -58,12 +69,19 @@ class LoadedModel:
 
 
 def load_model(model: str, *, vae: str | None = None, torch_dtype: torch.dtype | None = None,
-               seed: int = 0) -> LoadedModel:
-    """Load ``model`` (see module docstring) in eval mode; ``vae`` is a folder/hub id for latent models."""
+               seed: int = 0, model_config: dict | None = None, vae_config: dict | None = None) -> LoadedModel:
+    """Load ``model`` (see module docstring) in eval mode; ``vae`` is a folder/hub id (or random:<arch>)
+    for latent models; ``model_config`` / ``vae_config`` override a random architecture's config."""
     if not isinstance(model, str) or not model:
         raise ModelNotFoundError(f"model must be a non-empty string (a name, path or hub id), got {model!r}")
+    if model_config and not model.startswith("random:"):
+        raise ValueError(f"model_config overrides a random:<arch> model's architecture; {model!r} is loaded with "
+                         "its own config.json: drop model_config or use random:<arch>")
+    if vae_config and not (vae or "").startswith("random:"):
+        raise ValueError(f"vae_config overrides a random:<arch> VAE's architecture; vae is {vae!r}: drop "
+                         "vae_config or use vae: random:<arch>")
     if model.startswith("random:"):
-        loaded = _random_model(model, seed)
+        loaded = _random_model(model, seed, model_config or {})
     elif model in EMBEDDED:
         loaded = _load_folder(WEIGHTS / model, model)
     elif Path(model).expanduser().exists():
@@ -77,7 +95,7 @@ def load_model(model: str, *, vae: str | None = None, torch_dtype: torch.dtype |
     else:
         loaded = _load_hub(model)
     if vae is not None:
-        loaded.vae = _load_vae(vae)
+        loaded.vae = _random_vae(vae, seed, vae_config or {}) if vae.startswith("random:") else _load_vae(vae)
     if torch_dtype is not None:
         loaded.transformer.to(torch_dtype)
     loaded.transformer.eval()  # a DiT left in train mode drops 10% of labels at random
@@ -88,16 +106,37 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") != 1 or model.endswith("/")
 
 
-def _random_model(model: str, seed: int) -> LoadedModel:
+def _random_model(model: str, seed: int, overrides: dict) -> LoadedModel:
     arch = model.split(":", 1)[1]
     if arch not in ARCHITECTURES:
         raise ModelNotFoundError(f"unknown architecture {arch!r} in {model!r}; choose one of {sorted(ARCHITECTURES)}")
     cls, config = ARCHITECTURES[arch]
+    config = {**config, **_checked_overrides(overrides, config, model)}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         transformer = cls(**config)
     encoder = TinyCaptionEncoder(embed_dim=config["caption_channels"]) if arch == "tiny-pixart" else None
     return LoadedModel(model, transformer, caption_encoder=encoder)
+
+
+def _random_vae(vae: str, seed: int, overrides: dict):
+    from diffusers import AutoencoderKL
+
+    arch = vae.split(":", 1)[1]
+    if arch not in VAE_ARCHITECTURES:
+        raise ModelNotFoundError(f"unknown VAE architecture {arch!r} in {vae!r}; choose one of {sorted(VAE_ARCHITECTURES)}")
+    config = {**VAE_ARCHITECTURES[arch], **_checked_overrides(overrides, VAE_ARCHITECTURES[arch], vae)}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoencoderKL(**config).eval()
+
+
+def _checked_overrides(overrides: dict, config: dict, name: str) -> dict:
+    """Overrides of known keys only: a typo must not silently build the full-size model."""
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} for {name!r}; known: {sorted(config)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
 
 
 def _transformer_class(folder: Path) -> type:

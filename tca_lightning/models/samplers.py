@@ -108,4 +108,4 @@ def decode(x0: torch.Tensor, vae: torch.nn.Module | None = None) -> torch.Tensor
     """Images in [0, 1]: pixel-space models map [-1, 1] -> [0, 1]; latent models go through the VAE."""
     if vae is not None:
         x0 = vae.decode(x0.to(vae.dtype) / vae.config.scaling_factor).sample.float()
-    return (x0 / 2 + 0.5).clamp(0, 1)
+    return (x0 / 2 + 0.5).clamp(0, 1).contiguous()  # a VAE may decode to a channels-last layout
