@@ -71,7 +71,7 @@ class ATGDataModule(SamplingDataModule):
     def __init__(self, k: int = 5, selection: str = "atg", calib_batch_size: int = 32, num_workers: int = 0,
                  model: str | None = None, sampler: SamplerConfig | None = None,
                  calibration: CalibrationConfig | None = None, num_samples: int = 1000, batch_size: int = 100,
-                 num_classes: int = 10, seed: int = 0):
+                 num_classes: int = 10, seed: int = 0, captions: str | None = None):
         """
         Args:
             k: timestep groups (ATG) or uniformly spaced timesteps (``uniform``); ignored for ``all``.
@@ -86,8 +86,10 @@ class ATGDataModule(SamplingDataModule):
             batch_size: images per sampler call in ``test``.
             num_classes: class labels cycle over ``range(num_classes)`` in ``test``.
             seed: style words of ``test``'s captions.
+            captions: caption file of ``test``'s conditions (caption models; SamplingDataModule).
         """
-        super().__init__(num_samples=num_samples, batch_size=batch_size, num_classes=num_classes, seed=seed)
+        super().__init__(num_samples=num_samples, batch_size=batch_size, num_classes=num_classes, seed=seed,
+                         captions=captions)
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if k < 1 or calib_batch_size < 1:

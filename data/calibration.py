@@ -36,6 +36,10 @@ class CalibrationConfig:
     """Items per forward when collecting statistics."""
     cache_dir: str | None = "cache/calibration"
     """Where trajectories are cached (None: regenerate every run)."""
+    captions: str | None = None
+    """Caption models: a caption file (COCO / MJHQ-30K / txt, as data's ``captions``) whose captions
+    ``0 .. num_conditions-1`` are the calibration conditions; give one disjoint from the evaluation's.
+    None: the tiny model's digit captions."""
     device: str | None = None
     """Where calibration runs: None for the trainer's device (the GPU under ``--trainer.accelerator gpu``),
     e.g. "cpu" to keep it off a GPU that is short of memory."""
@@ -116,15 +120,27 @@ def calibration_trajectories(adapter: DiffusionAdapter, sampler: SamplerConfig, 
                              model_name: str) -> "Trajectories":
     """The FP trajectories of a calibration budget: conditions drawn like the evaluation's (class i mod the
     model's classes / a caption naming digit i mod 10) with their own noise seed, sampled with the evaluation's scheduler and guidance."""
-    from tca_lightning.data.conditions import batch_condition, condition_batch
+    from tca_lightning.data.conditions import batch_condition, condition_batch, read_caption_file
 
     num_classes = adapter.num_classes if adapter.kind == "dit" else 10  # DiT-XL/2: the 1,000 ImageNet classes
-    batch = condition_batch(config.num_conditions, num_classes=num_classes, seed=config.seed)
+    if adapter.kind != "dit" and config.captions is None and not uses_digit_captions(adapter):
+        raise ValueError("calibration.captions is missing: a caption model other than tiny-pixart calibrates on "
+                         "captions from a file (--model.init_args.calibration.captions FILE: COCO captions JSON, "
+                         "MJHQ-30K meta_data.json or txt; disjoint from the evaluation's)")
+    batch = condition_batch(config.num_conditions, num_classes=num_classes, seed=config.seed,
+                            captions=read_caption_file(config.captions) if adapter.kind != "dit" else None)
     device = next(adapter.transformer.parameters()).device
     traj_sampler = SamplerConfig(scheduler=sampler.scheduler, num_steps=config.num_steps,
                                  guidance_scale=sampler.guidance_scale, seed=config.seed)
     return cached_trajectories(adapter, batch_condition(adapter, batch, device), batch["index"], traj_sampler,
                                config.cache_dir, model_name)
+
+
+def uses_digit_captions(adapter: DiffusionAdapter) -> bool:
+    """Whether a caption model reads the tiny digit captions (tiny-pixart's encoder) rather than a caption file."""
+    from tca_lightning.models.captions import TinyCaptionEncoder
+
+    return isinstance(adapter.caption_encoder, TinyCaptionEncoder)
 
 
 def weights_digest(*modules) -> str:

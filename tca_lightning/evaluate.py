@@ -29,7 +29,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from tca_lightning.data.calibration import weights_digest
+from tca_lightning.data.calibration import uses_digit_captions, weights_digest
 from tca_lightning.data.conditions import batch_condition
 from tca_lightning.methods.base import QuantMethod, QuantRecipe
 from tca_lightning.models.adapters import DiffusionAdapter, get_adapter
@@ -138,10 +138,15 @@ class ImageMetrics(torch.nn.Module):
     """FID, KID, IS, conditional accuracy and paired PSNR/MSE, accumulated over batches (DDP-synced).
 
     Without a classifier (``None``: no real set to score against, e.g. a random model in CI) only the
-    paired PSNR/MSE against the reference are computed."""
+    paired PSNR/MSE against the reference are computed. ``inception`` (real models: ADM's FID, sFID, IS,
+    precision and recall on Inception-v3 features, tca_lightning.adm_metrics) scores RGB images instead
+    of the digit classifier."""
 
-    def __init__(self, classifier: torch.nn.Module | None, kid_subset_size: int = 100):
+    def __init__(self, classifier: torch.nn.Module | None, kid_subset_size: int = 100, inception=None):
         super().__init__()
+        if classifier is not None and inception is not None:
+            raise ValueError("score with the digit classifier or with Inception, not both")
+        self.inception = inception
         self.classifier = classifier.eval().requires_grad_(False) if classifier is not None else None
         self.fid = self.kid = self.inception_score = self.cond_acc = None
         if classifier is not None:
@@ -161,7 +166,7 @@ class ImageMetrics(torch.nn.Module):
 
     def reset(self) -> None:
         """Forget everything, real features included (they survive FID/KID's own reset)."""
-        for metric in (self.fid, self.kid, self.inception_score, self.cond_acc, self.psnr, self.mse):
+        for metric in (self.fid, self.kid, self.inception_score, self.cond_acc, self.psnr, self.mse, self.inception):
             if metric is not None:
                 metric.reset()
         for metric in (self.fid, self.kid) if self.scores_distribution else ():
@@ -177,12 +182,18 @@ class ImageMetrics(torch.nn.Module):
         return images01 * 2 - 1  # the classifier reads [-1, 1]
 
     def update_real(self, images01: torch.Tensor) -> None:
+        if self.inception is not None:
+            self.inception.update(images01, real=True)
+            self.num_real += len(images01)
+            return
         x = self._to_model_range(images01)
         self.fid.update(x, real=True)
         self.kid.update(x, real=True)
         self.num_real += len(x)
 
     def update(self, images01: torch.Tensor, labels: torch.Tensor, reference01: torch.Tensor | None = None) -> None:
+        if self.inception is not None:
+            self.inception.update(images01, real=False)
         if self.scores_distribution:
             x = self._to_model_range(images01)
             self.fid.update(x, real=False)
@@ -197,7 +208,7 @@ class ImageMetrics(torch.nn.Module):
         self.num_fake += len(images01)
 
     def compute(self, seed: int = 0) -> dict:
-        out = {}
+        out = self.inception.compute() if self.inception is not None else {}
         if self.scores_distribution:
             out.update(self._distribution_scores(seed))
         if self.psnr.update_count > 0:
@@ -235,6 +246,7 @@ class DiffusionEvaluator(L.LightningModule):
         classifier: str | None = None,
         real_images: str | None = "mnist-heldout",
         kid_subset_size: int = 100,
+        real_image_size: int | None = None,
         grid_samples: int = 100,
         vae: str | None = None,
         reference_cache: str | None = "cache/reference",
@@ -244,6 +256,8 @@ class DiffusionEvaluator(L.LightningModule):
         model_config: dict | None = None,
         vae_config: dict | None = None,
         sample_dir: str | None = None,
+        text_encoder: str | None = None,
+        text_encoder_cache: str | None = "cache/captions",
     ):
         """
         Args:
@@ -254,8 +268,11 @@ class DiffusionEvaluator(L.LightningModule):
             wbits: weight bits recorded in metrics.json (32 for FP32).
             abits: activation bits recorded in metrics.json.
             classifier: folder of the feature classifier (default: the shipped mnist-features).
-            real_images: real set for FID/KID: mnist-heldout (500 images) or mnist-train (4,500); None scores
-                only the paired PSNR/MSE against the reference (a random model in CI has no real set).
+            real_images: real set: mnist-heldout (500 images) or mnist-train (4,500) for the tiny models (FID/KID/IS
+                on the digit classifier); an ADM reference batch .npz (VIRTUAL_imagenet256_labeled.npz) or a folder
+                of images for real models (FID, sFID, IS, precision/recall on Inception-v3: needs torch-fidelity
+                and its weights); None scores only the paired PSNR/MSE against the reference.
+            real_image_size: center-crop and resize a folder's real images to this size (ADM's preprocessing).
             kid_subset_size: KID subset size (capped by the number of samples).
             grid_samples: how many samples go into the PNG grid.
             vae: AutoencoderKL folder/hub id for latent models.
@@ -273,6 +290,11 @@ class DiffusionEvaluator(L.LightningModule):
                 evaluated weights, sampler, VAE and batching); a rerun loads finished shards instead of sampling,
                 so an interrupted evaluation resumes, on any device count (the shards do not depend on it).
                 Metrics then score the uint8 images, as ADM's evaluator does.
+            text_encoder: caption encoder of a PixArt model (tca_lightning.models.text_encoders.caption_encoder):
+                ``t5:<hub id or folder>`` (PixArt-alpha's T5-XXL; needs transformers), ``precomputed:<file>``
+                (embeddings computed elsewhere; no T5 needed) or ``hashed[:<dim>]`` (a deterministic stand-in for
+                random shrunk models). None: the model's own (tiny-pixart ships one).
+            text_encoder_cache: folder where T5 embeddings are kept per caption, so T5 runs once per caption.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -280,6 +302,8 @@ class DiffusionEvaluator(L.LightningModule):
         loaded = load_model(model, vae=vae, seed=self.sampler.seed, model_config=model_config, vae_config=vae_config)
         self.transformer = loaded.transformer.requires_grad_(False)
         self.caption_encoder = loaded.caption_encoder
+        if text_encoder is not None:
+            self.caption_encoder = self.text_encoder_for(loaded.transformer, text_encoder, text_encoder_cache)
         self.vae = loaded.vae
         self.scheduler_config = loaded.scheduler_config
         self.reference_model = None
@@ -298,12 +322,39 @@ class DiffusionEvaluator(L.LightningModule):
         elif quantized is not None and reference is None:
             # the FP model stays the reference: setup() rebinds self.transformer to the packed one, not this
             self.reference_model, self.reference_captions = self.transformer, self.caption_encoder
-        if real_images is not None and real_images not in REAL_SETS:
-            raise ValueError(f"real_images must be one of {REAL_SETS} (the tiny models' digits) or None (paired "
-                             f"PSNR/MSE only), got {real_images!r}")
-        self.metrics = ImageMetrics(load_classifier(classifier) if real_images is not None else None, kid_subset_size)
+        self.metrics = self.image_metrics(real_images, classifier, kid_subset_size)
         self._grid: list[torch.Tensor] = []
         self._sampling_seconds = 0.0
+
+    @staticmethod
+    def image_metrics(real_images: str | None, classifier: str | None, kid_subset_size: int) -> ImageMetrics:
+        """Digit classifier for the tiny models' real sets, Inception for a real image source, else paired only."""
+        if real_images is None:
+            return ImageMetrics(None)
+        if real_images in REAL_SETS:
+            return ImageMetrics(load_classifier(classifier), kid_subset_size)
+        from tca_lightning.adm_metrics import InceptionMetrics
+        from tca_lightning.reference_sets import load_reference_images
+
+        load_reference_images(real_images, max_images=1)  # a wrong path fails now, not after the sampling
+        return ImageMetrics(None, inception=InceptionMetrics())
+
+    @staticmethod
+    def text_encoder_for(transformer: torch.nn.Module, spec: str, cache_dir: str | None) -> torch.nn.Module:
+        from tca_lightning.models.text_encoders import caption_encoder
+
+        if get_adapter(transformer).kind != "pixart":
+            raise ValueError(f"text_encoder ({spec!r}) conditions caption models (PixArt); this model is a "
+                             f"{type(transformer).__name__}: drop text_encoder")
+        channels = transformer.config.caption_channels
+        if spec.split(":", 1)[0] == "hashed" and ":" not in spec:
+            spec = f"hashed:{channels}"  # the stand-in takes the transformer's width
+        encoder = caption_encoder(spec, cache_dir=cache_dir)
+        width = getattr(encoder, "embed_dim", None)
+        if width is not None and width != channels:
+            raise ValueError(f"text_encoder {spec!r} gives {width}-wide embeddings; the transformer's caption_channels "
+                             f"is {channels}")
+        return encoder
 
     @staticmethod
     def packed_checkpoint(path: str, model: str, quantization) -> PackedCheckpoint:
@@ -391,13 +442,32 @@ class DiffusionEvaluator(L.LightningModule):
         return record
 
     @property
+    def feature_extractor_name(self) -> str | None:
+        if self.metrics.inception is not None:
+            return "inception-v3 (torch-fidelity)"
+        return (self.hparams.classifier or "mnist-features") if self.hparams.real_images else None
+
+    @property
     def quantization_roles(self) -> dict[str, str]:
         return {r.name: r.role for r in self.adapter.linears()}
 
     def on_test_start(self) -> None:
         self._shard_key = None  # the evaluated weights may have changed since the last test (fit -> test)
+        dataset = getattr(getattr(self.trainer, "datamodule", None), "dataset", None)
+        if (self.adapter.kind != "dit" and getattr(dataset, "captions", "") is None
+                and not uses_digit_captions(self.adapter)):
+            raise ValueError("data.init_args.captions is missing: a caption model other than tiny-pixart is evaluated "
+                             "on captions from a file (COCO captions JSON, MJHQ-30K meta_data.json or txt)")
         self.metrics.reset()
         self._grid, self._sampling_seconds = [], 0.0
+        if self.metrics.inception is not None:
+            from tca_lightning.reference_sets import load_reference_images
+
+            chunks = load_reference_images(self.hparams.real_images, image_size=self.hparams.real_image_size)
+            for i, chunk in enumerate(chunks):
+                if i % self.trainer.world_size == self.global_rank:  # each rank a share; the metric gathers them
+                    self.metrics.update_real(chunk.to(self.device))
+            return
         if not self.metrics.scores_distribution:
             return
         real = real_digits(self.hparams.real_images)
@@ -478,7 +548,7 @@ class DiffusionEvaluator(L.LightningModule):
             "num_samples": num_samples, "steps": sp.num_steps, "scheduler": sp.scheduler,
             "guidance_scale": sp.guidance_scale, "seed": sp.seed,
             "reference": hp.reference or ("fp" if self.compares_to_reference else None),
-            "real_images": hp.real_images, "feature_extractor": (hp.classifier or "mnist-features") if hp.real_images else None,
+            "real_images": hp.real_images, "feature_extractor": self.feature_extractor_name,
             "sampling_seconds": round(self._sampling_seconds, 2), "peak_rss_mb": peak_rss_mb(), **results,
         }
         self.log_dict({f"test/{k}": v for k, v in results.items()}, sync_dist=False, rank_zero_only=True)
