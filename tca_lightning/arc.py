@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from tca_lightning.data.calibration import CalibrationConfig
 from tca_lightning.evaluate import DiffusionEvaluator
@@ -76,6 +77,10 @@ class ARCConfig:
     scale, since no block reconstruction sees them."""
     seed: int = 0
     """Seed of the randomized Hadamard initialization."""
+    checkpoint_blocks: bool = False
+    """Recompute each block's quantized forward during backward (torch.utils.checkpoint) instead of keeping
+    its activations: a step holds one block's activations at a time rather than every block's (DiT-XL/2 has
+    28, at 512 px with 1,024 tokens each). The same gradients (tests/test_arc.py), for one more block forward."""
 
     def __post_init__(self):
         if self.scale_init not in ("smoothquant", "ones"):
@@ -224,12 +229,19 @@ class ARC(DiffusionEvaluator):
         with torch.no_grad():
             _, captured = fp.capture(x, t, cond)
         profiles: dict[str, torch.Tensor] = {}
-        handles = [m.register_forward_hook(self._profile_hook(name, profiles)) for name, m in self.transforms.items()]
+        transformed: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_hook(self._keep_output(name, transformed)) for name, m in self.transforms.items()]
         recon = []
         try:
             for i, block in enumerate(q.blocks()):
                 target, block_in = captured[i].output, captured[i].args[0]
-                out = q.run_block(i, captured[i], block)
+                if self.arc.checkpoint_blocks:
+                    out = torch.utils.checkpoint.checkpoint(q.run_block, i, captured[i], block, use_reentrant=False)
+                else:
+                    out = q.run_block(i, captured[i], block)
+                # profiles outside the (possibly recomputed) block: the recomputation runs without these hooks
+                profiles.update({name: self._profile(x) for name, x in transformed.items()})
+                transformed.clear()
                 update = (target - block_in).pow(2).flatten(1).sum(1).clamp_min(1e-12)
                 err = (out - target).pow(2).flatten(1).sum(1) / update
                 recon.append((err * weight).sum() / weight.sum())
@@ -244,10 +256,15 @@ class ARC(DiffusionEvaluator):
         return loss
 
     @staticmethod
-    def _profile_hook(name: str, profiles: dict):
+    def _keep_output(name: str, outputs: dict):
         def hook(module, args, output):
-            profiles[name] = output.abs().amax(dim=-2) if output.dim() == 3 else output.abs()
+            outputs[name] = output
         return hook
+
+    @staticmethod
+    def _profile(output: torch.Tensor) -> torch.Tensor:
+        """Per-channel magnitude profile of a transformed input: absmax over tokens."""
+        return output.abs().amax(dim=-2) if output.dim() == 3 else output.abs()
 
     @staticmethod
     def _alignment(profiles: dict[str, torch.Tensor], group: torch.Tensor) -> torch.Tensor:

@@ -143,3 +143,15 @@ def test_learning_against_fp_weights_quantizes_them_at_bake(tmp_path):
                for n, q in module.qlinears.items() if q.block is None)
     module.bake()
     assert all(q.weight_spec == usual.qlinears[n].weight_spec for n, q in module.qlinears.items())
+
+
+def test_gradient_checkpointing_learns_the_same_transforms(tmp_path):
+    """checkpoint_blocks recomputes the blocks in backward: the same losses and gradients, so the same fit."""
+    start = _module(tmp_path).transforms  # built lazily: compare the two fits with each other and with no fit
+    plain, _ = _fit(tmp_path / "plain", epochs=1)
+    recomputed, _ = _fit(tmp_path / "ckpt", epochs=1, checkpoint_blocks=True)
+    a, b = plain.transforms.state_dict(), recomputed.transforms.state_dict()
+    assert a.keys() == b.keys() and a and not start
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+    assert any(v.abs().max() > 1e-4 for k, v in a.items() if "log_scale" in k), "the fit moved the scales"
