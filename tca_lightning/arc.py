@@ -52,6 +52,11 @@ class ARCConfig:
     lambda_align: float = 0.01
     """Weight of the anomaly-alignment loss (0 disables it: ablation (a)). 0.01 with ``scale_init=ones``:
     best mean PSNR of the quick-budget sweep (benchmarks/results/arc_tuning_quick.md); at 0.1 it hurt."""
+    lambda_guided: float = 0.0
+    """Weight of the guided reconstruction: the relative error of each block's classifier-free-guided update
+    (1 - g) u + g c (g the sampler's guidance scale, c/u the conditional and unconditional halves). The
+    sampler amplifies the difference of the halves' errors g-fold, which recon (each half alone) does not
+    see; 0 leaves it out."""
     rotate: bool = True
     """Learn Kronecker-factored rotations (False: scales only)."""
     learn_rotation: bool = True
@@ -231,7 +236,8 @@ class ARC(DiffusionEvaluator):
         profiles: dict[str, torch.Tensor] = {}
         transformed: dict[str, torch.Tensor] = {}
         handles = [m.register_forward_hook(self._keep_output(name, transformed)) for name, m in self.transforms.items()]
-        recon = []
+        recon, guided = [], []
+        g = self.sampler.guidance_scale
         try:
             for i, block in enumerate(q.blocks()):
                 target, block_in = captured[i].output, captured[i].args[0]
@@ -246,14 +252,32 @@ class ARC(DiffusionEvaluator):
                 err = (out - target).pow(2).flatten(1).sum(1) / update
                 recon.append((err * weight).sum() / weight.sum())
                 self.log(f"recon/block{i}", recon[-1], on_step=True, on_epoch=False)
+                if self.arc.lambda_guided > 0 and g > 1.0:
+                    guided.append(self._guided_error(out, target, block_in, g, weight.chunk(2)[0]))
         finally:
             for h in handles:
                 h.remove()
         recon_loss = torch.stack(recon).mean()
         align_loss = self._alignment(profiles, group) if self.arc.lambda_align > 0 else recon_loss.new_zeros(())
         loss = recon_loss + self.arc.lambda_align * align_loss
-        self.log_dict({"train/loss": loss, "train/recon": recon_loss, "train/align": align_loss}, prog_bar=True)
+        logged = {"train/loss": loss, "train/recon": recon_loss, "train/align": align_loss}
+        if guided:
+            logged["train/guided"] = torch.stack(guided).mean()
+            loss = loss + self.arc.lambda_guided * logged["train/guided"]
+            logged["train/loss"] = loss
+        self.log_dict(logged, prog_bar=True)
         return loss
+
+    @staticmethod
+    def _guided_error(out: torch.Tensor, target: torch.Tensor, block_in: torch.Tensor, g: float,
+                      weight: torch.Tensor) -> torch.Tensor:
+        """Relative error of the guided block update (1 - g) u + g c; rows are [conditional; unconditional]."""
+        def guide(x: torch.Tensor) -> torch.Tensor:
+            c, u = x.chunk(2)
+            return (1 - g) * u + g * c
+        reference = guide(target - block_in).pow(2).flatten(1).sum(1).clamp_min(1e-12)
+        err = guide(out - target).pow(2).flatten(1).sum(1) / reference
+        return (err * weight).sum() / weight.sum()
 
     @staticmethod
     def _keep_output(name: str, outputs: dict):

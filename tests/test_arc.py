@@ -155,3 +155,24 @@ def test_gradient_checkpointing_learns_the_same_transforms(tmp_path):
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
     assert any(v.abs().max() > 1e-4 for k, v in a.items() if "log_scale" in k), "the fit moved the scales"
+
+
+def test_guided_error_is_the_relative_error_of_the_guided_update():
+    block_in, target = torch.zeros(4, 3, 2), torch.zeros(4, 3, 2)
+    target[:2] = 1.0  # rows [conditional; unconditional]: the conditional update is 1, the unconditional 0
+    weight = torch.ones(2)
+    assert float(ARC._guided_error(target.clone(), target, block_in, 3.0, weight)) == 0.0
+    same = target + 0.1  # one error in both halves: (1 - g) u + g c keeps it at 0.1, vs the guided update 3
+    assert float(ARC._guided_error(same, target, block_in, 3.0, weight)) == pytest.approx(0.01 / 9, rel=1e-5)
+    opposite = target.clone()
+    opposite[:2] += 0.1
+    opposite[2:] -= 0.1  # opposite errors: amplified to (1 - g)(-0.1) + g (0.1) = 0.5
+    assert float(ARC._guided_error(opposite, target, block_in, 3.0, weight)) == pytest.approx(0.25 / 9, rel=1e-5)
+
+
+def test_guided_term_joins_the_loss_when_enabled(tmp_path):
+    _, trainer = _fit(tmp_path, epochs=1, lambda_guided=1.0)
+    metrics = trainer.callback_metrics
+    assert "train/guided" in metrics and float(metrics["train/guided"]) > 0
+    expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics["train/guided"]
+    assert torch.allclose(metrics["train/loss"], expected, rtol=1e-5)

@@ -146,3 +146,18 @@ def test_other_sampling_seeds_resample_the_seed_0_calibration_instead_of_refitti
     assert runs[0][2] == {"variant": "tca-dit", "calibrated_by": fit["command"]}
     assert "seeds [1, 2] of tiny-pixart" in capsys.readouterr().err  # no seed-0 row: said, not guessed
     assert tca_table.seed_runs(["tiny-dit"], [], [fit], common, tmp_path) == []
+
+
+def test_result_neutral_arc_settings_stay_out_of_the_rows_key(repo_root, monkeypatch):
+    """Adding an ARC option whose default changes nothing must not orphan every finished table row."""
+    import dataclasses
+
+    from tca_lightning.arc import ARCConfig
+
+    tca = load_benchmark(repo_root, monkeypatch, "tca_table")
+    tag = tca.arc_defaults()
+    assert tag.startswith("ARCConfig(lr=0.005, lambda_align=0.01") and tag.endswith(")")
+    for name in tca.RESULT_NEUTRAL:
+        assert f"{name}=" not in tag
+    others = [f.name for f in dataclasses.fields(ARCConfig) if f.name not in tca.RESULT_NEUTRAL]
+    assert all(f"{name}=" in tag for name in others)
