@@ -1,0 +1,159 @@
+"""Where a quantized tiny model's FID goes: FID split into its mean and covariance terms, and a probe of
+per-timestep output bias correction (issue 4: tiny-pixart's TCA-DiT has the best PSNR but not the best FID).
+
+    python benchmarks/output_bias_probe.py --ckpt runs/tca_table/<run>/tiny_pixart/version_0/checkpoints/finalized.ckpt
+
+For a finalized TCA-DiT checkpoint it samples ``--samples`` images (the evaluation's noise: sample i has
+seed i) twice: as calibrated, and with the model output corrected by the mean output error on the
+calibration trajectories, E[eps_q - eps_fp] per calibration step (or per ``--groups`` contiguous groups of
+steps), for the conditional and the unconditional half separately (PTQD, He et al. 2023, corrects the
+correlated part of the quantization noise in the same spirit). Against the FP model's images on the same
+noise (the evaluator's reference cache) and the held-out real digits it reports FID = |mu_1 - mu_2|^2 +
+covariance term on the mnist-features classifier, PSNR, and the mean pixel shift. Samples are kept as
+shards under ``--cache`` (a rerun samples nothing). Writes benchmarks/results/output_bias_probe.{md,csv,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import ROOT, machine, now, write_tables
+
+COLUMNS = ("variant", "samples", "fid_vs_real", "fid_mean_term", "fid_cov_term", "fid_vs_fp", "fid_vs_fp_mean_term",
+           "psnr_vs_fp", "mean_pixel_shift", "mean_abs_pixel_error")
+
+
+def correction_tables(module, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (T,), tables (T, 2, C, H, W)): mean output error of the quantized model on the FP calibration
+    trajectories per step, conditional and unconditional halves; averaged within ``groups`` contiguous groups."""
+    from tca_lightning.data.calibration import calibration_trajectories
+
+    fp, q = module.teacher, module.adapter
+    traj = calibration_trajectories(fp, module.sampler, module.calibration, module.hparams.model)
+    steps, n = traj.x.shape[:2]
+    tables = []
+    with torch.no_grad(), torch.nn.utils.parametrize.cached():
+        for s in range(steps):
+            x, cond = torch.cat([traj.x[s]] * 2), traj.cond.cat(q.null_condition(n))
+            err = q.forward(x, traj.timesteps[s], cond) - fp.forward(x, traj.timesteps[s], cond)
+            tables.append(torch.stack([half.mean(0) for half in err.chunk(2)]))
+    tables = torch.stack(tables)
+    if groups < steps:
+        member = torch.arange(steps) * groups // steps
+        tables = torch.stack([tables[member == g].mean(0) for g in range(groups)])[member]
+    return traj.timesteps.float(), tables
+
+
+def install_correction(transformer: torch.nn.Module, timesteps: torch.Tensor, tables: torch.Tensor):
+    """Subtract the nearest calibration step's table from every guided forward's output ([cond; uncond] rows)."""
+    def hook(module, args, kwargs, output):
+        step = int((timesteps - kwargs["timestep"].float().reshape(-1)[0]).abs().argmin())
+        half = output.sample.shape[0] // 2
+        output.sample = output.sample - tables[step].repeat_interleave(half, dim=0).to(output.sample.dtype)
+        return output
+    return transformer.register_forward_hook(hook, with_kwargs=True)
+
+
+def sample_shards(module, folder: Path, samples: int, batch: int = 100) -> torch.Tensor:
+    from tca_lightning.data.conditions import batch_condition, condition_batch
+    from tca_lightning.evaluate import load_sample_shard, save_sample_shard
+    from tca_lightning.models.samplers import decode, sample
+
+    images = []
+    for b, first in enumerate(range(0, samples, batch)):
+        conditions = condition_batch(min(batch, samples - first), 10, 0, offset=first)
+        path = folder / f"batch-{b:06d}.npz"
+        if path.is_file():
+            images.append(load_sample_shard(path, conditions))
+            continue
+        with torch.no_grad(), torch.nn.utils.parametrize.cached():
+            x0 = sample(module.adapter, batch_condition(module.adapter, conditions), conditions["index"], module.sampler,
+                        module.scheduler_config)
+        images.append(save_sample_shard(path, decode(x0, module.vae), conditions))
+        print(f"{folder.name}: {first + len(conditions['index'])}/{samples}", flush=True)
+    return torch.cat(images)
+
+
+def fp_images(module, samples: int, batch: int = 100) -> torch.Tensor:
+    """The FP model's images on the same noise, from the evaluator's reference cache (sampled if absent)."""
+    from tca_lightning.data.conditions import condition_batch
+
+    out = []
+    for first in range(0, samples, batch):
+        conditions = condition_batch(min(batch, samples - first), 10, 0, offset=first)
+        out.append(module.reference_images(conditions).cpu())
+    return torch.cat(out)
+
+
+def fid_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    from tca_lightning.reference_sets import feature_statistics, frechet_distance
+
+    (m1, s1), (m2, s2) = feature_statistics(a), feature_statistics(b)
+    fid = frechet_distance(m1, s1, m2, s2)
+    return fid, float((m1 - m2).square().sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="a finalized.ckpt of a tiny model (fit's Finalize writes it)")
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--groups", type=int, default=25, help="contiguous groups of calibration steps (25: one per step)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default="runs/output_bias_probe")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    from tca_lightning.arc import ARC
+    from tca_lightning.evaluate import real_digits
+    from tca_lightning.models.loading import load_classifier
+
+    module = ARC.load_from_checkpoint(args.ckpt, map_location="cpu")
+    if not module.finalized:
+        raise SystemExit(f"{args.ckpt} is not a finalized checkpoint (Finalize writes checkpoints/finalized.ckpt)")
+    for q in module.qlinears.values():
+        q.freeze()
+    key = hashlib.sha256(Path(args.ckpt).read_bytes()).hexdigest()[:12]
+    cache = ROOT / args.cache / key
+    images = {"as calibrated": sample_shards(module, cache / "plain", args.samples)}
+    handle = install_correction(module.transformer, *correction_tables(module, args.groups))
+    variant = f"output bias corrected ({args.groups} groups)"
+    images[variant] = sample_shards(module, cache / f"corrected-{args.groups}", args.samples)
+    handle.remove()
+    fp = fp_images(module, args.samples)
+    classifier = load_classifier().eval()
+    with torch.no_grad():
+        features = {name: classifier(x * 2 - 1).double() for name, x in {**images, "fp": fp, "real": real_digits(
+            module.hparams.real_images)}.items()}
+    rows = []
+    for name in ("fp", *images):
+        fid, mean_term = fid_terms(features["real"], features[name])
+        row = {"variant": "FP model" if name == "fp" else name, "samples": args.samples, "fid_vs_real": round(fid, 3),
+               "fid_mean_term": round(mean_term, 3), "fid_cov_term": round(fid - mean_term, 3)}
+        if name != "fp":
+            fid_fp, mean_fp = fid_terms(features["fp"], features[name])
+            diff = images[name] - fp
+            row.update(fid_vs_fp=round(fid_fp, 3), fid_vs_fp_mean_term=round(mean_fp, 3),
+                       psnr_vs_fp=round(float(10 * torch.log10(1 / diff.pow(2).mean())), 2),
+                       mean_pixel_shift=round(float(diff.mean()), 4), mean_abs_pixel_error=round(float(diff.abs().mean()), 4))
+        rows.append(row)
+        print(row, flush=True)
+    header = {"date": now(), "machine": machine(args.threads), "wall_seconds": round(time.time() - start, 1),
+              "invocation": "python benchmarks/output_bias_probe.py " + " ".join(sys.argv[1:]), "checkpoint": args.ckpt}
+    notes = [f"checkpoint {args.ckpt}; {args.samples} samples (noise seeds 0..{args.samples - 1}), the model's sampler",
+             "FID on the mnist-features classifier against the 500 held-out digits (fid_vs_real) and against the FP "
+             "model's images on the same noise (fid_vs_fp); mean term = |mu_1 - mu_2|^2, the rest is the covariance term",
+             "mean_pixel_shift: mean of (quantized - FP) pixels in [0, 1]: a systematic drift, which the sampler "
+             "accumulates over its steps while zero-mean errors average out"]
+    print(write_tables("output_bias_probe", "FID decomposition and output bias correction (probe)", header, rows,
+                       COLUMNS, notes))
+
+
+if __name__ == "__main__":
+    main()
