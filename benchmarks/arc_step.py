@@ -97,28 +97,30 @@ def main() -> None:
         arch, checkpoint = args.row.split(",")
         print(json.dumps(one_row(arch, args.layers, args.batch, checkpoint == "1", args.steps, device)))
         return
+    import torch
+
     rows, start = [], time.time()
+    header = {"date": now(), "machine": machine(torch.get_num_threads(), args.accelerator),
+              "invocation": "python benchmarks/arc_step.py " + " ".join(sys.argv[1:])}
+    notes = ["random weights at the real widths (1152, 16 heads); W4A4 groups of 128, embedders/final W8A8; "
+             "classifier-free guidance doubles the rows of a step",
+             "step_peak_gb (GPU only): peak memory of a training step above what the models (teacher, student, "
+             "optimizer state) hold, from the CUDA allocator; a row that ran out of memory is missing (see the log)",
+             "the step's time and memory grow linearly with batch; calibration = items x epochs / batch steps"]
     for arch in args.archs:
         for checkpoint in ("0", "1"):
             out = subprocess.run([sys.executable, __file__, "--row", f"{arch},{checkpoint}", "--layers", str(args.layers),
                                   "--batch", str(args.batch), "--steps", str(args.steps), "--accelerator",
                                   args.accelerator], capture_output=True, text=True, cwd=ROOT)
             if out.returncode != 0:
-                print(f"FAILED {arch} checkpoint={checkpoint}: {out.stderr[-2000:]}", file=sys.stderr)
+                print(f"FAILED {arch} checkpoint={checkpoint}: {out.stderr[-2000:]}", file=sys.stderr, flush=True)
                 continue
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    import torch
-
-    header = {"date": now(), "machine": machine(torch.get_num_threads(), args.accelerator),
-              "invocation": "python benchmarks/arc_step.py " + " ".join(sys.argv[1:]),
-              "wall_seconds": round(time.time() - start, 1)}
-    notes = ["random weights at the real widths (1152, 16 heads); W4A4 groups of 128, embedders/final W8A8; "
-             "classifier-free guidance doubles the rows of a step",
-             "step_peak_gb (GPU only): peak memory of a training step above what the models (teacher, student, "
-             "optimizer state) hold, from the CUDA allocator",
-             "the step's time and memory grow linearly with batch; calibration = items x epochs / batch steps"]
-    print(write_tables("arc_step", "ARC calibration step at full size", header, rows, COLUMNS, notes))
+            # after every row: a run cut short by a time limit keeps what it measured
+            markdown = write_tables("arc_step", "ARC calibration step at full size",
+                                    {**header, "wall_seconds": round(time.time() - start, 1)}, rows, COLUMNS, notes)
+    print(markdown if rows else "no rows")
 
 
 if __name__ == "__main__":
