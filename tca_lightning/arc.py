@@ -163,11 +163,13 @@ class ARC(DiffusionEvaluator):
             super().setup(stage)  # a baseline
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["tca_finalized"] = self.finalized
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """``test --ckpt_path``: build the (uncalibrated) transforms so the checkpoint's values have a home;
         a finalized checkpoint carries them baked into the layers' buffers instead."""
+        super().on_load_checkpoint(checkpoint)
         if not self._built and any(k.startswith("transforms.") for k in checkpoint["state_dict"]):
             self.build(None)
         if checkpoint.get("tca_finalized", False):

@@ -23,7 +23,7 @@ log = logging.getLogger("lightning.pytorch.cli.tca")  # Lightning's handler: sho
 # config keep them (evaluate a calibrated checkpoint at 100 steps, another seed, another reference) instead
 # of the checkpoint's, which Lightning's CLI would otherwise restore silently.
 EVALUATION_KEYS = ("sampler", "reference", "reference_cache", "real_images", "classifier", "kid_subset_size",
-                   "grid_samples", "sample_dir", "real_image_size")
+                   "grid_samples", "sample_dir", "real_image_size", "clip_model")
 
 
 def _flat(tree, prefix: str = "") -> dict:

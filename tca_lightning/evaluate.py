@@ -113,6 +113,21 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def clip_score_metric(model: str):
+    """torchmetrics' CLIPScore for ``model`` (a hub id or local folder), or a clear error saying what is missing."""
+    try:
+        from torchmetrics.multimodal.clip_score import CLIPScore
+
+        return CLIPScore(model_name_or_path=model)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"clip_model={model!r}: the CLIP score needs transformers (pip install transformers, "
+                                  f"or this package's `t5` extra) ({err})") from None
+    except (OSError, ValueError) as err:
+        raise OSError(f"could not load the CLIP model {model!r} ({type(err).__name__}: {err}); on a machine with "
+                      f"internet run `huggingface-cli download {model}` and copy the cache here, or pass its folder") from None
+
+
+
 def save_sample_shard(path: Path, images01: torch.Tensor, batch: dict) -> torch.Tensor:
     """Write a batch's images as uint8 NHWC (ADM's sample format) with their indices; returns the images as
     stored (uint8 back to [0, 1]), so a fresh run and a resumed one score the very same pixels."""
@@ -142,8 +157,9 @@ class ImageMetrics(torch.nn.Module):
     precision and recall on Inception-v3 features, tca_lightning.adm_metrics) scores RGB images instead
     of the digit classifier."""
 
-    def __init__(self, classifier: torch.nn.Module | None, kid_subset_size: int = 100, inception=None):
+    def __init__(self, classifier: torch.nn.Module | None, kid_subset_size: int = 100, inception=None, clip=None):
         super().__init__()
+        self.clip = clip  # CLIPScore (torchmetrics) of images vs their captions, for caption models
         if classifier is not None and inception is not None:
             raise ValueError("score with the digit classifier or with Inception, not both")
         self.inception = inception
@@ -166,7 +182,8 @@ class ImageMetrics(torch.nn.Module):
 
     def reset(self) -> None:
         """Forget everything, real features included (they survive FID/KID's own reset)."""
-        for metric in (self.fid, self.kid, self.inception_score, self.cond_acc, self.psnr, self.mse, self.inception):
+        for metric in (self.fid, self.kid, self.inception_score, self.cond_acc, self.psnr, self.mse, self.inception,
+                       self.clip):
             if metric is not None:
                 metric.reset()
         for metric in (self.fid, self.kid) if self.scores_distribution else ():
@@ -191,7 +208,13 @@ class ImageMetrics(torch.nn.Module):
         self.kid.update(x, real=True)
         self.num_real += len(x)
 
-    def update(self, images01: torch.Tensor, labels: torch.Tensor, reference01: torch.Tensor | None = None) -> None:
+    def update(self, images01: torch.Tensor, labels: torch.Tensor, reference01: torch.Tensor | None = None,
+               captions: list[str] | None = None) -> None:
+        if self.clip is not None:
+            if captions is None:
+                raise ValueError("CLIP score needs the captions of the images")
+            rgb = images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01
+            self.clip.update((rgb.clamp(0, 1) * 255).round().to(torch.uint8), list(captions))
         if self.inception is not None:
             self.inception.update(images01, real=False)
         if self.scores_distribution:
@@ -209,6 +232,8 @@ class ImageMetrics(torch.nn.Module):
 
     def compute(self, seed: int = 0) -> dict:
         out = self.inception.compute() if self.inception is not None else {}
+        if self.clip is not None:
+            out["clip_score"] = float(self.clip.compute())
         if self.scores_distribution:
             out.update(self._distribution_scores(seed))
         if self.psnr.update_count > 0:
@@ -256,6 +281,7 @@ class DiffusionEvaluator(L.LightningModule):
         model_config: dict | None = None,
         vae_config: dict | None = None,
         sample_dir: str | None = None,
+        clip_model: str | None = None,
         text_encoder: str | None = None,
         text_encoder_cache: str | None = "cache/captions",
     ):
@@ -290,6 +316,8 @@ class DiffusionEvaluator(L.LightningModule):
                 evaluated weights, sampler, VAE and batching); a rerun loads finished shards instead of sampling,
                 so an interrupted evaluation resumes, on any device count (the shards do not depend on it).
                 Metrics then score the uint8 images, as ADM's evaluator does.
+            clip_model: caption models: also score the CLIP score of each image against its caption (torchmetrics
+                CLIPScore; needs transformers and the weights, e.g. openai/clip-vit-large-patch14 or its local folder).
             text_encoder: caption encoder of a PixArt model (tca_lightning.models.text_encoders.caption_encoder):
                 ``t5:<hub id or folder>`` (PixArt-alpha's T5-XXL; needs transformers), ``precomputed:<file>``
                 (embeddings computed elsewhere; no T5 needed) or ``hashed[:<dim>]`` (a deterministic stand-in for
@@ -323,6 +351,7 @@ class DiffusionEvaluator(L.LightningModule):
             # the FP model stays the reference: setup() rebinds self.transformer to the packed one, not this
             self.reference_model, self.reference_captions = self.transformer, self.caption_encoder
         self.metrics = self.image_metrics(real_images, classifier, kid_subset_size)
+        self.metrics.clip = clip_score_metric(clip_model) if clip_model is not None else None
         self._grid: list[torch.Tensor] = []
         self._sampling_seconds = 0.0
 
@@ -369,6 +398,20 @@ class DiffusionEvaluator(L.LightningModule):
             warnings.warn(f"the packed checkpoint {path} was made from {config.get('model')!r}, but model is "
                           f"{model!r}: PSNR/MSE compare against {model!r} (pass the model it came from)", stacklevel=2)
         return PackedCheckpoint(path, config)
+
+    # The metrics' networks (digit classifier, InceptionV3, CLIP) belong to the evaluation, not the model: a
+    # checkpoint leaves them out (CLIP alone is 1.7 GB), and loading one fills in the current metrics', so a
+    # checkpoint evaluates under any real_images / clip_model setting.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("metrics.")]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.setdefault("state_dict", {})
+        for key in [k for k in state if k.startswith("metrics.")]:
+            del state[key]  # an older checkpoint's metric networks: the current ones stand
+        state.update({f"metrics.{k}": v for k, v in self.metrics.state_dict().items()})
 
     @property
     def adapter(self) -> DiffusionAdapter:
@@ -488,7 +531,7 @@ class DiffusionEvaluator(L.LightningModule):
         reference = self.reference_images(batch) if self.compares_to_reference else None
         if not self.is_quantized and self.hparams.reference is None:
             self.store_reference(self.transformer, self.caption_encoder, batch, images)  # later PTQ runs reuse them
-        self.metrics.update(images, batch["label"], reference)
+        self.metrics.update(images, batch["label"], reference, batch["caption"] if self.metrics.clip is not None else None)
         kept = sum(len(g) for g in self._grid)
         if kept < self.hparams.grid_samples:
             self._grid.append(images[: self.hparams.grid_samples - kept].cpu())

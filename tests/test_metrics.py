@@ -297,3 +297,63 @@ def test_sample_shard_round_trip_and_mismatch(tmp_path):
     assert torch.equal(load_sample_shard(path, batch), stored) and not list(path.parent.glob(".*tmp*"))
     with pytest.raises(ValueError, match=r"holds samples \[6, 7, 8\], not this batch's \[0, 1, 2\]: delete it"):
         load_sample_shard(path, {"index": torch.tensor([0, 1, 2])})
+
+
+class RecordingClip:
+    """Stands in for torchmetrics' CLIPScore: records what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def update(self, images, captions):
+        self.calls.append((images, captions))
+
+    def compute(self):
+        return torch.tensor(31.5)
+
+    def reset(self):
+        self.calls = []
+
+
+def test_clip_score_gets_uint8_rgb_images_with_their_captions():
+    metrics = ImageMetrics(None)
+    metrics.clip = RecordingClip()
+    gray = torch.rand(2, 1, 8, 8)
+    metrics.update(gray, torch.zeros(2, dtype=torch.long), captions=["a cat", "a dog"])
+    (images, captions), = metrics.clip.calls
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 8, 8) and captions == ["a cat", "a dog"]
+    assert torch.equal(images[:, 0], images[:, 2]) and torch.equal(images[:, 0], (gray[:, 0] * 255).round().to(torch.uint8))
+    assert metrics.compute()["clip_score"] == 31.5
+    with pytest.raises(ValueError, match="needs the captions"):
+        metrics.update(gray, torch.zeros(2, dtype=torch.long))
+
+
+def test_clip_score_without_transformers_says_what_to_install():
+    pytest.importorskip("torchmetrics")
+    try:
+        import transformers  # noqa: F401
+        pytest.skip("transformers is installed")
+    except ImportError:
+        pass
+    from tca_lightning.evaluate import clip_score_metric
+
+    with pytest.raises(ModuleNotFoundError, match="needs transformers"):
+        clip_score_metric("openai/clip-vit-large-patch14")
+
+
+def test_checkpoints_leave_the_metric_networks_out():
+    """A checkpoint holds the model, not the evaluation's networks (InceptionV3, CLIP): it loads under any
+    real_images / clip_model setting."""
+    from tca_lightning.evaluate import DiffusionEvaluator
+
+    scored = DiffusionEvaluator(model="random:tiny-dit", reference_cache=None)  # digits: the classifier in metrics
+    checkpoint = {"state_dict": scored.state_dict()}
+    assert any(k.startswith("metrics.") for k in checkpoint["state_dict"])
+    scored.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and not any(k.startswith("metrics.") for k in checkpoint["state_dict"])
+    paired_only = DiffusionEvaluator(model="random:tiny-dit", reference_cache=None, real_images=None)
+    paired_only.on_load_checkpoint(checkpoint)
+    paired_only.load_state_dict(checkpoint["state_dict"])  # strict: the current metrics' entries were filled in
+    old = {"state_dict": scored.state_dict()}  # a checkpoint written before: with the classifier's weights
+    paired_only.on_load_checkpoint(old)
+    paired_only.load_state_dict(old["state_dict"])
