@@ -127,12 +127,13 @@ def clip_score_metric(model: str):
                       f"internet run `huggingface-cli download {model}` and copy the cache here, or pass its folder") from None
 
 
-
 def save_sample_shard(path: Path, images01: torch.Tensor, batch: dict) -> torch.Tensor:
     """Write a batch's images as uint8 NHWC (ADM's sample format) with their indices; returns the images as
     stored (uint8 back to [0, 1]), so a fresh run and a resumed one score the very same pixels."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (images01.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    from tca_lightning.reference_sets import to_uint8
+
+    pixels = to_uint8(images01).permute(0, 2, 3, 1).cpu().numpy()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     np.savez(tmp, arr_0=pixels, indices=np.asarray([int(i) for i in batch["index"]]),
              labels=np.asarray([int(v) for v in batch["label"]]))
@@ -213,8 +214,10 @@ class ImageMetrics(torch.nn.Module):
         if self.clip is not None:
             if captions is None:
                 raise ValueError("CLIP score needs the captions of the images")
+            from tca_lightning.reference_sets import to_uint8
+
             rgb = images01.expand(-1, 3, -1, -1) if images01.shape[1] == 1 else images01
-            self.clip.update((rgb.clamp(0, 1) * 255).round().to(torch.uint8), list(captions))
+            self.clip.update(to_uint8(rgb), list(captions))
         if self.inception is not None:
             self.inception.update(images01, real=False)
         if self.scores_distribution:
