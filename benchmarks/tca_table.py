@@ -48,6 +48,11 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "no-rgq": ["--trainer.callbacks.init_args.rgq=false"],
     "no-align epochs-16": [A + "lambda_align=0.0", "--trainer.max_epochs=16"],
     "guided-1": [A + "lambda_guided=1.0"],  # the guided-update reconstruction term (tiny-pixart's FID gap)
+    "output-1": [A + "lambda_output=1.0"],  # the whole-model output term
+    "on-policy": ["--trainer.callbacks+=tca_lightning.callbacks.OnPolicyStates",  # epochs 2-3 on the student's states
+                  "--trainer.callbacks.start_epoch=2"],
+    "on-policy output-1": ["--trainer.callbacks+=tca_lightning.callbacks.OnPolicyStates",
+                           "--trainer.callbacks.start_epoch=2", A + "lambda_output=1.0"],
 }
 COLUMNS = ("model", "method", "variant", "device", "wbits", "abits", "seed", "fid", "kid", "is", "cond_acc", "psnr_vs_fp",
            "calib_seconds", "calib_groups", "sampling_seconds", "peak_rss_mb")
@@ -126,8 +131,8 @@ def main() -> None:
 
 
 # ARC settings that leave results as they were at their defaults (checkpoint_blocks: the same gradients;
-# lambda_guided=0: the term is off): left out of the rows' key, so adding them kept the finished rows.
-RESULT_NEUTRAL = {"checkpoint_blocks": False, "lambda_guided": 0.0}
+# lambda_guided=0, lambda_output=0: the term is off): left out of the rows' key, so adding them kept the finished rows.
+RESULT_NEUTRAL = {"checkpoint_blocks": False, "lambda_guided": 0.0, "lambda_output": 0.0}
 
 
 def arc_defaults() -> str:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tca_lightning.data.atg import SELECTIONS, TimestepGroups, anomaly_signatures, select_timesteps
 from tca_lightning.data.calibration import (CalibrationConfig, LinearStats, Trajectories, calibration_trajectories,
-                                           collect_linear_stats)
+                                           collect_linear_stats, generate_trajectories, slice_condition)
 from tca_lightning.data.conditions import SamplingDataModule
 from tca_lightning.models.adapters import DiffusionAdapter, get_adapter
 from tca_lightning.models.loading import load_model
@@ -101,6 +101,8 @@ class ATGDataModule(SamplingDataModule):
         self.stats: LinearStats | None = None
         self.groups: TimestepGroups | None = None
         self.signatures: torch.Tensor | None = None  # (T, D) what ATG clustered (selection "atg")
+        self.states: Trajectories | None = None  # what the items read: traj, or on-policy states (resample_with)
+        self._items: CalibrationItems | None = None
         self._resolved = None
         self.seconds = 0.0  # trajectories + statistics + clustering: part of the calibration time
 
@@ -154,12 +156,47 @@ class ATGDataModule(SamplingDataModule):
         self.signatures = anomaly_signatures(self.stats.absmax) if self.hparams.selection == "atg" else None
         self.groups = select_timesteps(self.hparams.selection, self.traj.num_steps, self.hparams.k, self.signatures,
                                        seed=self._calibration.seed)
+        self.states = self.traj
         self.seconds += time.perf_counter() - start
+
+    @torch.no_grad()
+    def resample_with(self, adapter: DiffusionAdapter, progress: bool = False) -> Trajectories:
+        """Re-sample the calibration trajectories with ``adapter`` (e.g. the model being calibrated, fake-
+        quantized) from the same noise, conditions and sampler, and stream its states from now on.
+
+        On-policy calibration: the FP trajectories are not the states the quantized model visits at
+        inference, where its own errors have moved x_t; the teacher's targets are recomputed at whatever
+        x_t an item holds, so only the states change. ATG's groups and weights stay those of the FP run.
+        Every rank samples all conditions (identical models, so identical states: no communication).
+        """
+        if self.traj is None:
+            raise RuntimeError("ATGDataModule.setup('fit') has not run: use it through Trainer.fit")
+        n, chunk = self.traj.x.shape[1], self._calibration.batch_size
+        device = next(adapter.transformer.parameters()).device
+        parts = [generate_trajectories(adapter, slice_condition(self.traj.cond, lo, lo + chunk).to(device),
+                                       list(range(lo, min(lo + chunk, n))), self.traj.sampler, progress=progress)
+                 for lo in range(0, n, chunk)]
+        states = Trajectories(torch.cat([p.x for p in parts], dim=1), parts[0].timesteps, self.traj.cond,
+                              self.traj.sampler)
+        if not torch.equal(states.timesteps, self.traj.timesteps):
+            raise RuntimeError("re-sampled trajectories have other timesteps than the calibration's: "
+                               f"{states.timesteps.tolist()} vs {self.traj.timesteps.tolist()}")
+        self.use_states(states)
+        return states
+
+    def use_states(self, states: Trajectories) -> None:
+        """Stream the items from ``states`` (same shape and timesteps as the FP trajectories)."""
+        if self.traj is not None and states.x.shape != self.traj.x.shape:
+            raise ValueError(f"calibration states of shape {tuple(states.x.shape)} do not match the trajectories' "
+                             f"{tuple(self.traj.x.shape)}: they come from another calibration budget")
+        self.states = states
+        if self._items is not None:
+            self._items.traj = states  # the DataLoader's dataset: its next epoch reads the new states
 
     def train_dataloader(self) -> DataLoader:
         if self.groups is None:
             raise RuntimeError("ATGDataModule.setup('fit') has not run: use it through Trainer.fit")
-        items = CalibrationItems(self.traj, self.groups)
+        items = self._items = CalibrationItems(self.states, self.groups)
         return DataLoader(items, batch_size=self.hparams.calib_batch_size,
                           sampler=EpochShuffle(len(items), self._calibration.seed), num_workers=self.hparams.num_workers, drop_last=False)
 

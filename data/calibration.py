@@ -214,7 +214,7 @@ def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: l
             step_holder[0] = s
             for lo in range(0, n_items, batch_size):
                 x = traj.x[s, lo:lo + batch_size].to(device)
-                cond = _slice(traj.cond, lo, lo + batch_size).to(device)
+                cond = slice_condition(traj.cond, lo, lo + batch_size).to(device)
                 if guided:
                     cond = cond.cat(adapter.null_condition(len(x)).to(device))
                     x = torch.cat([x, x])
@@ -225,6 +225,6 @@ def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: l
     return stats
 
 
-def _slice(cond: Condition, lo: int, hi: int) -> Condition:
+def slice_condition(cond: Condition, lo: int, hi: int) -> Condition:
     cut = lambda a: None if a is None else a[lo:hi]  # noqa: E731
     return Condition(cut(cond.labels), cut(cond.tokens), cut(cond.mask))

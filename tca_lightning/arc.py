@@ -57,6 +57,12 @@ class ARCConfig:
     (1 - g) u + g c (g the sampler's guidance scale, c/u the conditional and unconditional halves). The
     sampler amplifies the difference of the halves' errors g-fold, which recon (each half alone) does not
     see; 0 leaves it out."""
+    lambda_output: float = 0.0
+    """Weight of the whole-model output loss: the relative error of the quantized model's noise prediction
+    (guided when the sampler guides) against the FP model's on the same x_t, the quantized blocks run one
+    after another as at inference. The block losses see FP inputs only, so the error one block hands the
+    next (and its accumulation into a systematic output drift) is invisible to them; 0 leaves it out.
+    One more forward and backward of the whole model per step."""
     rotate: bool = True
     """Learn Kronecker-factored rotations (False: scales only)."""
     learn_rotation: bool = True
@@ -234,7 +240,7 @@ class ARC(DiffusionEvaluator):
         else:
             weight, group = batch["weight"], batch["group"]
         with torch.no_grad():
-            _, captured = fp.capture(x, t, cond)
+            fp_out, captured = fp.capture(x, t, cond)
         profiles: dict[str, torch.Tensor] = {}
         transformed: dict[str, torch.Tensor] = {}
         handles = [m.register_forward_hook(self._keep_output(name, transformed)) for name, m in self.transforms.items()]
@@ -266,7 +272,11 @@ class ARC(DiffusionEvaluator):
         if guided:
             logged["train/guided"] = torch.stack(guided).mean()
             loss = loss + self.arc.lambda_guided * logged["train/guided"]
-            logged["train/loss"] = loss
+        if self.arc.lambda_output > 0:
+            logged["train/output"] = self._output_error(q.forward(x, t, cond), fp_out, q.in_channels, g,
+                                                        weight.chunk(2)[0] if g > 1.0 else weight)
+            loss = loss + self.arc.lambda_output * logged["train/output"]
+        logged["train/loss"] = loss
         self.log_dict(logged, prog_bar=True)
         return loss
 
@@ -279,6 +289,17 @@ class ARC(DiffusionEvaluator):
             return (1 - g) * u + g * c
         reference = guide(target - block_in).pow(2).flatten(1).sum(1).clamp_min(1e-12)
         err = guide(out - target).pow(2).flatten(1).sum(1) / reference
+        return (err * weight).sum() / weight.sum()
+
+    @staticmethod
+    def _output_error(out: torch.Tensor, target: torch.Tensor, channels: int, g: float,
+                      weight: torch.Tensor) -> torch.Tensor:
+        """Relative error of the noise prediction the sampler uses: the first ``channels`` outputs (a learned
+        variance is not guided), combined u + g (c - u) when rows are [conditional; unconditional]."""
+        out, target = out[:, :channels].float(), target[:, :channels].float()
+        if g > 1.0:
+            out, target = (u + g * (c - u) for c, u in (out.chunk(2), target.chunk(2)))
+        err = (out - target).pow(2).flatten(1).sum(1) / target.pow(2).flatten(1).sum(1).clamp_min(1e-12)
         return (err * weight).sum() / weight.sum()
 
     @staticmethod

@@ -176,3 +176,23 @@ def test_guided_term_joins_the_loss_when_enabled(tmp_path):
     assert "train/guided" in metrics and float(metrics["train/guided"]) > 0
     expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics["train/guided"]
     assert torch.allclose(metrics["train/loss"], expected, rtol=1e-5)
+
+
+def test_output_error_is_the_relative_error_of_the_guided_noise_prediction():
+    target = torch.zeros(4, 2, 1, 1)  # rows [conditional; unconditional], channels [eps, learned variance]
+    target[:2, 0], target[2:, 0] = 1.0, 0.5  # guided eps at g = 3: 0.5 + 3 (1 - 0.5) = 2
+    weight = torch.ones(2)
+    out = target.clone()
+    out[:, 1] += 5.0  # the learned variance is not what the sampler guides: no error
+    assert float(ARC._output_error(out, target, 1, 3.0, weight)) == 0.0
+    out[:2, 0] += 0.1  # a conditional error of 0.1 becomes 0.3 in the guided prediction of norm 2
+    assert float(ARC._output_error(out, target, 1, 3.0, weight)) == pytest.approx(0.09 / 4, rel=1e-5)
+    assert float(ARC._output_error(out[:2], target[:2], 1, 1.0, weight)) == pytest.approx(0.01 / 1, rel=1e-5)
+
+
+def test_output_term_joins_the_loss_when_enabled(tmp_path):
+    _, trainer = _fit(tmp_path, epochs=1, lambda_output=1.0)
+    metrics = trainer.callback_metrics
+    assert "train/output" in metrics and float(metrics["train/output"]) > 0
+    expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics["train/output"]
+    assert torch.allclose(metrics["train/loss"], expected, rtol=1e-5)
