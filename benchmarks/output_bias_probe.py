@@ -11,6 +11,10 @@ correlated part of the quantization noise in the same spirit). Against the FP mo
 noise (the evaluator's reference cache) and the held-out real digits it reports FID = |mu_1 - mu_2|^2 +
 covariance term on the mnist-features classifier, PSNR, and the mean pixel shift. Samples are kept as
 shards under ``--cache`` (a rerun samples nothing). Writes benchmarks/results/output_bias_probe.{md,csv,json}.
+
+``--fp-roles fc2 embedders ...`` adds one row per role with that role's linears put back to the FP model's
+(weights and inputs unquantized, no transform): which layers the FID excess comes from. ``--no-correction``
+skips the corrected row.
 """
 
 from __future__ import annotations
@@ -61,6 +65,27 @@ def install_correction(transformer: torch.nn.Module, timesteps: torch.Tensor, ta
     return transformer.register_forward_hook(hook, with_kwargs=True)
 
 
+def fp_role(module, role: str):
+    """Swap every quantized linear of ``role`` for the FP model's own (a context manager that swaps back)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def swapped():
+        names = [n for n, q in module.qlinears.items() if q.role == role]
+        if not names:
+            raise SystemExit(f"no quantized linear has role {role!r}; roles here: "
+                             f"{sorted({q.role for q in module.qlinears.values()})}")
+        teacher = module.teacher.transformer
+        for n in names:
+            module.transformer.set_submodule(n, teacher.get_submodule(n))
+        try:
+            yield
+        finally:
+            for n in names:
+                module.transformer.set_submodule(n, module.qlinears[n])
+    return swapped()
+
+
 def sample_shards(module, folder: Path, samples: int, batch: int = 100) -> torch.Tensor:
     from tca_lightning.data.conditions import batch_condition, condition_batch
     from tca_lightning.evaluate import load_sample_shard, save_sample_shard
@@ -107,6 +132,10 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=25, help="contiguous groups of calibration steps (25: one per step)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default="runs/output_bias_probe")
+    parser.add_argument("--table", default="output_bias_probe", help="results file name under benchmarks/results")
+    parser.add_argument("--fp-roles", nargs="*", default=[], help="one row per role, its linears left in FP")
+    parser.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True,
+                        help="the output-bias-corrected row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -122,10 +151,14 @@ def main() -> None:
     key = hashlib.sha256(Path(args.ckpt).read_bytes()).hexdigest()[:12]
     cache = ROOT / args.cache / key
     images = {"as calibrated": sample_shards(module, cache / "plain", args.samples)}
-    handle = install_correction(module.transformer, *correction_tables(module, args.groups))
-    variant = f"output bias corrected ({args.groups} groups)"
-    images[variant] = sample_shards(module, cache / f"corrected-{args.groups}", args.samples)
-    handle.remove()
+    if args.correction:
+        handle = install_correction(module.transformer, *correction_tables(module, args.groups))
+        variant = f"output bias corrected ({args.groups} groups)"
+        images[variant] = sample_shards(module, cache / f"corrected-{args.groups}", args.samples)
+        handle.remove()
+    for role in args.fp_roles:
+        with fp_role(module, role):
+            images[f"{role} in FP"] = sample_shards(module, cache / f"fp-{role}", args.samples)
     fp = fp_images(module, args.samples)
     classifier = load_classifier().eval()
     with torch.no_grad():
@@ -151,7 +184,7 @@ def main() -> None:
              "model's images on the same noise (fid_vs_fp); mean term = |mu_1 - mu_2|^2, the rest is the covariance term",
              "mean_pixel_shift: mean of (quantized - FP) pixels in [0, 1]: a systematic drift, which the sampler "
              "accumulates over its steps while zero-mean errors average out"]
-    print(write_tables("output_bias_probe", "FID decomposition and output bias correction (probe)", header, rows,
+    print(write_tables(args.table, "FID decomposition and output bias correction (probe)", header, rows,
                        COLUMNS, notes))
 
 
