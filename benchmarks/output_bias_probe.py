@@ -13,8 +13,9 @@ covariance term on the mnist-features classifier, PSNR, and the mean pixel shift
 shards under ``--cache`` (a rerun samples nothing). Writes benchmarks/results/output_bias_probe.{md,csv,json}.
 
 ``--fp-roles fc2 embedders ...`` adds one row per role with that role's linears put back to the FP model's
-(weights and inputs unquantized, no transform): which layers the FID excess comes from. ``--no-correction``
-skips the corrected row.
+(weights and inputs unquantized, no transform): which layers the FID excess comes from. ``--fp-acts fc1``:
+that role's inputs unquantized, its weights as calibrated; ``--act-clip fc1=0.9``: its activation range
+clipped to that fraction. ``--no-correction`` skips the corrected row.
 """
 
 from __future__ import annotations
@@ -86,6 +87,26 @@ def fp_role(module, role: str):
     return swapped()
 
 
+def act_spec_of(module, role: str, **changes):
+    """Change the activation quantizer of every linear of ``role`` (a context manager that changes it back)."""
+    import dataclasses
+    from contextlib import contextmanager
+
+    @contextmanager
+    def changed():
+        old = {n: q.act_spec for n, q in module.qlinears.items() if q.role == role}
+        if not old:
+            raise SystemExit(f"no quantized linear has role {role!r}")
+        for n, spec in old.items():
+            module.qlinears[n].set_specs(act_spec=dataclasses.replace(spec, **changes))
+        try:
+            yield
+        finally:
+            for n, spec in old.items():
+                module.qlinears[n].set_specs(act_spec=spec)
+    return changed()
+
+
 def sample_shards(module, folder: Path, samples: int, batch: int = 100) -> torch.Tensor:
     from tca_lightning.data.conditions import batch_condition, condition_batch
     from tca_lightning.evaluate import load_sample_shard, save_sample_shard
@@ -134,6 +155,9 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/output_bias_probe")
     parser.add_argument("--table", default="output_bias_probe", help="results file name under benchmarks/results")
     parser.add_argument("--fp-roles", nargs="*", default=[], help="one row per role, its linears left in FP")
+    parser.add_argument("--fp-acts", nargs="*", default=[], help="one row per role, its inputs left unquantized")
+    parser.add_argument("--act-clip", nargs="*", default=[], metavar="ROLE=RATIO",
+                        help="one row per entry, that role's activation range clipped to RATIO")
     parser.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True,
                         help="the output-bias-corrected row")
     args = parser.parse_args()
@@ -159,6 +183,15 @@ def main() -> None:
     for role in args.fp_roles:
         with fp_role(module, role):
             images[f"{role} in FP"] = sample_shards(module, cache / f"fp-{role}", args.samples)
+    for role in args.fp_acts:
+        with act_spec_of(module, role, bits=16):
+            images[f"{role} inputs in FP"] = sample_shards(module, cache / f"actfp-{role}", args.samples)
+    for entry in args.act_clip:
+        role, ratio = entry.split("=")
+        with act_spec_of(module, role, clip_ratio=float(ratio)):
+            tag = f"clip{float(ratio):g}".replace(".", "")
+            images[f"{role} inputs clipped to {float(ratio):g}"] = sample_shards(module, cache / f"{tag}-{role}",
+                                                                               args.samples)
     fp = fp_images(module, args.samples)
     classifier = load_classifier().eval()
     with torch.no_grad():

@@ -6,6 +6,8 @@ On fit end, for the ARC module being fit:
    of the trajectory (one forward pass over K x N items, not T x N);
 3. RGQ (quant/rgq.py): permute each activation-grouped input by decreasing energy of X T, i.e. the
    diagonal of T^T (X^T X) T, so every group of G channels holds channels of like magnitude;
+3b. optionally (``lowrank_rank``), SVDQuant's floating-point low-rank branch (Li et al., ICLR 2025) on the
+   baked weights of ``lowrank_roles``: the quantized weight carries only the residual;
 4. GPTQ (methods/gptq.py) on every quantized weight in that basis, against the same ATG-weighted
    Hessian: error feedback for the 4-bit weights, visiting columns in decreasing energy (act-order);
 5. a checkpoint of the finalized module (``checkpoints/finalized.ckpt``), which ``test --ckpt_path``
@@ -26,6 +28,7 @@ import torch
 from tca_lightning.data.calibration import collect_linear_stats
 from tca_lightning.export import save_quantized
 from tca_lightning.methods.gptq import GPTQ
+from tca_lightning.methods.svdquant import apply_svdquant, lowrank_rank
 from tca_lightning.quant.rgq import magnitude_order
 from tca_lightning.quant.transforms import transform_gram
 
@@ -35,7 +38,7 @@ PACKED_DIR = "quantized"  # <run_dir>/quantized: the packed checkpoint
 
 class Finalize(L.Callback):
     def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True,
-                 pack: bool = True):
+                 pack: bool = True, lowrank_rank: int = 0, lowrank_roles: list[str] | None = None):
         """
         Args:
             rgq: reorder channels by calibrated magnitude before group quantization.
@@ -43,8 +46,17 @@ class Finalize(L.Callback):
             percdamp: GPTQ's Hessian dampening (fraction of the mean diagonal).
             save: write ``checkpoints/finalized.ckpt`` in the run directory.
             pack: write the packed INT4 checkpoint ``quantized/`` in the run directory (rank 0).
+            lowrank_rank: SVDQuant's low-rank FP branch at this rank for a 1152-wide layer (scaled to the
+                layer's width as SVDQuant's ``rank_scale_to_width``: 2 on the 64-wide tiny models); 0: none.
+            lowrank_roles: the roles that get it (None: every quantized weight inside and outside the blocks).
         """
+        if lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {lowrank_rank}")
+        if lowrank_rank and pack:
+            raise ValueError("a low-rank FP branch (lowrank_rank > 0) has no packed form: set pack: false "
+                             "(--trainer.callbacks.init_args.pack false) and evaluate the fake-quant model")
         self.rgq, self.gptq, self.percdamp, self.save, self.pack = rgq, gptq, percdamp, save, pack
+        self.lowrank_rank, self.lowrank_roles = lowrank_rank, lowrank_roles
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not hasattr(module, "bake") or getattr(module, "finalized", False):
@@ -55,14 +67,16 @@ class Finalize(L.Callback):
             stats = self.representative_stats(trainer.datamodule, module)
             if self.rgq:
                 reorder_groups(module.qlinears, stats)
-            if self.gptq:
-                GPTQ(module.recipe, percdamp=self.percdamp).calibrate(module.adapter, module.qlinears, stats)
+        if self.lowrank_rank:
+            self.add_lowrank(module.qlinears)
+        if self.gptq:
+            GPTQ(module.recipe, percdamp=self.percdamp).calibrate(module.adapter, module.qlinears, stats)
         for q in module.qlinears.values():
             q.freeze()
         module.finalized = True
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
-        record.update(rgq=self.rgq, gptq=self.gptq)
+        record.update(rgq=self.rgq, gptq=self.gptq, **({"lowrank_rank": self.lowrank_rank} if self.lowrank_rank else {}))
         if not (self.save or self.pack):
             return
         run_dir = module.run_dir()  # on every rank: under DDP it is a collective
@@ -73,6 +87,16 @@ class Finalize(L.Callback):
         if self.pack and trainer.is_global_zero:
             save_quantized(module, run_dir / PACKED_DIR, module.recipe, module.hparams.model,
                            method=module.record_overrides().get("method", "tca-dit"))
+
+    @torch.no_grad()
+    def add_lowrank(self, qlinears: dict) -> None:
+        roles = {q.role for q in qlinears.values()}
+        unknown = set(self.lowrank_roles or ()) - roles
+        if unknown:
+            raise ValueError(f"lowrank_roles {sorted(unknown)} match no quantized linear; roles here: {sorted(roles)}")
+        for q in qlinears.values():
+            if q.weight_spec.enabled and (self.lowrank_roles is None or q.role in self.lowrank_roles):
+                apply_svdquant(q, lowrank_rank(self.lowrank_rank, q.in_features, q.out_features))
 
     @staticmethod
     @torch.no_grad()

@@ -196,3 +196,26 @@ def test_output_term_joins_the_loss_when_enabled(tmp_path):
     assert "train/output" in metrics and float(metrics["train/output"]) > 0
     expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics["train/output"]
     assert torch.allclose(metrics["train/loss"], expected, rtol=1e-5)
+
+
+def test_finalize_adds_a_lowrank_branch_to_the_chosen_roles_only(tmp_path):
+    from tca_lightning.callbacks import Finalize
+    from tca_lightning.methods.svdquant import lowrank_rank
+
+    module, _ = _fit(tmp_path, epochs=1,
+                     callbacks=[Finalize(lowrank_rank=32, lowrank_roles=["fc1"], pack=False, save=False)])
+    assert module.finalized
+    fc1 = [q for q in module.qlinears.values() if q.role == "fc1"]
+    assert fc1 and all(q.lowrank_a.shape[1] == lowrank_rank(32, q.in_features, q.out_features) for q in fc1)
+    assert all(q.lowrank_a is None for q in module.qlinears.values() if q.role != "fc1")
+    with pytest.raises(ValueError, match=r"lowrank_roles \['fc3'\] match no quantized linear"):
+        Finalize(lowrank_rank=32, lowrank_roles=["fc3"], pack=False).add_lowrank(module.qlinears)
+
+
+def test_finalize_rejects_a_lowrank_branch_it_cannot_pack():
+    from tca_lightning.callbacks import Finalize
+
+    with pytest.raises(ValueError, match="set pack: false"):
+        Finalize(lowrank_rank=32)
+    with pytest.raises(ValueError, match="lowrank_rank must be >= 0"):
+        Finalize(lowrank_rank=-1, pack=False)

@@ -335,3 +335,14 @@ def test_fp16_scales_are_fp16_values_and_change_the_weight_by_at_most_half_an_ul
 def test_bad_scale_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="scale_dtype must be one of"):
         QuantSpec(bits=4, scale_dtype="bfloat16")
+
+
+def test_changing_only_the_activation_quantizer_keeps_calibrated_weights():
+    q = QuantLinear.from_float(torch.nn.Linear(64, 8), QuantSpec(bits=4, granularity="group", group_size=32),
+                               QuantSpec(bits=4, granularity="group", group_size=32))
+    calibrated = torch.randn(8, 64)  # e.g. GPTQ's weights, which rounding the FP weight would not reproduce
+    q.weight_q = calibrated
+    q.set_specs(act_spec=dataclasses.replace(q.act_spec, bits=8))
+    assert torch.equal(q.quantized_weight(), calibrated)
+    q.set_specs(weight_spec=dataclasses.replace(q.weight_spec, bits=8))  # another weight grid: re-quantize
+    assert q.weight_q is None and not torch.equal(q.quantized_weight(), calibrated)

@@ -70,7 +70,8 @@ class QuantLinear(nn.Linear):
         except ValueError:
             self.weight_spec, self.act_spec = old
             raise
-        self.weight_q = None
+        if weight_spec is not None and weight_spec != old[0]:
+            self.weight_q = None  # calibrated weights (GPTQ) sit on the old weight grid; an activation change keeps them
         self.unfreeze()
 
     @property
