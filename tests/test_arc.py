@@ -170,11 +170,12 @@ def test_guided_error_is_the_relative_error_of_the_guided_update():
     assert float(ARC._guided_error(opposite, target, block_in, 3.0, weight)) == pytest.approx(0.25 / 9, rel=1e-5)
 
 
-def test_guided_term_joins_the_loss_when_enabled(tmp_path):
-    _, trainer = _fit(tmp_path, epochs=1, lambda_guided=1.0)
+@pytest.mark.parametrize("term", ["guided", "output"])
+def test_an_optional_term_joins_the_loss_when_enabled(tmp_path, term):
+    _, trainer = _fit(tmp_path, epochs=1, **{f"lambda_{term}": 1.0})
     metrics = trainer.callback_metrics
-    assert "train/guided" in metrics and float(metrics["train/guided"]) > 0
-    expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics["train/guided"]
+    assert f"train/{term}" in metrics and float(metrics[f"train/{term}"]) > 0
+    expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics[f"train/{term}"]
     assert torch.allclose(metrics["train/loss"], expected, rtol=1e-5)
 
 
@@ -188,14 +189,6 @@ def test_output_error_is_the_relative_error_of_the_guided_noise_prediction():
     out[:2, 0] += 0.1  # a conditional error of 0.1 becomes 0.3 in the guided prediction of norm 2
     assert float(ARC._output_error(out, target, 1, 3.0, weight)) == pytest.approx(0.09 / 4, rel=1e-5)
     assert float(ARC._output_error(out[:2], target[:2], 1, 1.0, weight)) == pytest.approx(0.01 / 1, rel=1e-5)
-
-
-def test_output_term_joins_the_loss_when_enabled(tmp_path):
-    _, trainer = _fit(tmp_path, epochs=1, lambda_output=1.0)
-    metrics = trainer.callback_metrics
-    assert "train/output" in metrics and float(metrics["train/output"]) > 0
-    expected = metrics["train/recon"] + 0.01 * metrics["train/align"] + metrics["train/output"]
-    assert torch.allclose(metrics["train/loss"], expected, rtol=1e-5)
 
 
 def test_finalize_adds_a_lowrank_branch_to_the_chosen_roles_only(tmp_path):
