@@ -51,6 +51,9 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "output-1": [A + "lambda_output=1.0"],  # the whole-model output term
     "on-policy": ["--trainer.callbacks+=tca_lightning.callbacks.OnPolicyStates",  # epochs 2-3 on the student's states
                   "--trainer.callbacks.start_epoch=2"],
+    "lowrank-fc1": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
+                    "--trainer.callbacks.init_args.lowrank_roles=[fc1]"],  # SVDQuant's FP branch on fc1 (finalize)
+    "lowrank-all": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32"],
     "on-policy output-1": ["--trainer.callbacks+=tca_lightning.callbacks.OnPolicyStates",
                            "--trainer.callbacks.start_epoch=2", A + "lambda_output=1.0"],
 }
