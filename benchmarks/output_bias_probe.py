@@ -21,9 +21,11 @@ clipped to that fraction. ``--no-correction`` skips the corrected row.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,45 +68,36 @@ def install_correction(transformer: torch.nn.Module, timesteps: torch.Tensor, ta
     return transformer.register_forward_hook(hook, with_kwargs=True)
 
 
+@contextmanager
 def fp_role(module, role: str):
-    """Swap every quantized linear of ``role`` for the FP model's own (a context manager that swaps back)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def swapped():
-        names = [n for n, q in module.qlinears.items() if q.role == role]
-        if not names:
-            raise SystemExit(f"no quantized linear has role {role!r}; roles here: "
-                             f"{sorted({q.role for q in module.qlinears.values()})}")
-        teacher = module.teacher.transformer
+    """Every quantized linear of ``role`` swapped for the FP model's own, swapped back on exit."""
+    names = [n for n, q in module.qlinears.items() if q.role == role]
+    if not names:
+        raise SystemExit(f"no quantized linear has role {role!r}; roles here: "
+                         f"{sorted({q.role for q in module.qlinears.values()})}")
+    teacher = module.teacher.transformer
+    for n in names:
+        module.transformer.set_submodule(n, teacher.get_submodule(n))
+    try:
+        yield
+    finally:
         for n in names:
-            module.transformer.set_submodule(n, teacher.get_submodule(n))
-        try:
-            yield
-        finally:
-            for n in names:
-                module.transformer.set_submodule(n, module.qlinears[n])
-    return swapped()
+            module.transformer.set_submodule(n, module.qlinears[n])
 
 
+@contextmanager
 def act_spec_of(module, role: str, **changes):
-    """Change the activation quantizer of every linear of ``role`` (a context manager that changes it back)."""
-    import dataclasses
-    from contextlib import contextmanager
-
-    @contextmanager
-    def changed():
-        old = {n: q.act_spec for n, q in module.qlinears.items() if q.role == role}
-        if not old:
-            raise SystemExit(f"no quantized linear has role {role!r}")
+    """The activation quantizer of every linear of ``role`` changed, changed back on exit."""
+    old = {n: q.act_spec for n, q in module.qlinears.items() if q.role == role}
+    if not old:
+        raise SystemExit(f"no quantized linear has role {role!r}")
+    for n, spec in old.items():
+        module.qlinears[n].set_specs(act_spec=dataclasses.replace(spec, **changes))
+    try:
+        yield
+    finally:
         for n, spec in old.items():
-            module.qlinears[n].set_specs(act_spec=dataclasses.replace(spec, **changes))
-        try:
-            yield
-        finally:
-            for n, spec in old.items():
-                module.qlinears[n].set_specs(act_spec=spec)
-    return changed()
+            module.qlinears[n].set_specs(act_spec=spec)
 
 
 def sample_shards(module, folder: Path, samples: int, batch: int = 100) -> torch.Tensor:

@@ -13,6 +13,8 @@ states the uninterrupted run did.
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import torch
 
@@ -81,6 +83,6 @@ class OnPolicyStates(pl.Callback):
         """A checkpoint's states: rebuilt around the datamodule's conditions once it has set up."""
         if self._pending is None:
             return
-        traj = trainer.datamodule.traj
-        self._states = Trajectories(self._pending["x"], self._pending["timesteps"], traj.cond, traj.sampler)
+        self._states = dataclasses.replace(trainer.datamodule.traj, x=self._pending["x"],
+                                           timesteps=self._pending["timesteps"])
         self._pending = None

@@ -13,6 +13,7 @@ ones the baselines calibrate on (same cache key). ``test`` streams the evaluatio
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict
 
@@ -176,8 +177,7 @@ class ATGDataModule(SamplingDataModule):
         parts = [generate_trajectories(adapter, slice_condition(self.traj.cond, lo, lo + chunk).to(device),
                                        list(range(lo, min(lo + chunk, n))), self.traj.sampler, progress=progress)
                  for lo in range(0, n, chunk)]
-        states = Trajectories(torch.cat([p.x for p in parts], dim=1), parts[0].timesteps, self.traj.cond,
-                              self.traj.sampler)
+        states = dataclasses.replace(self.traj, x=torch.cat([p.x for p in parts], dim=1), timesteps=parts[0].timesteps)
         if not torch.equal(states.timesteps, self.traj.timesteps):
             raise RuntimeError("re-sampled trajectories have other timesteps than the calibration's: "
                                f"{states.timesteps.tolist()} vs {self.traj.timesteps.tolist()}")

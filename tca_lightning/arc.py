@@ -100,6 +100,12 @@ class ARCConfig:
             raise ValueError(f"arc.rotation_init must be 'hadamard' or 'identity', got {self.rotation_init!r}")
 
 
+def guide(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Classifier-free guidance's combination (1 - g) u + g c of rows [conditional; unconditional]."""
+    c, u = x.chunk(2)
+    return (1 - g) * u + g * c
+
+
 # Checkpoints keep the config dataclasses in their hyperparameters; torch.load(weights_only=True), Lightning's
 # default, refuses unknown classes, so ours are allowlisted (plain data, no code runs when they load).
 torch.serialization.add_safe_globals([ARCConfig, QuantRecipe, SamplerConfig, CalibrationConfig])
@@ -284,11 +290,8 @@ class ARC(DiffusionEvaluator):
     def _guided_error(out: torch.Tensor, target: torch.Tensor, block_in: torch.Tensor, g: float,
                       weight: torch.Tensor) -> torch.Tensor:
         """Relative error of the guided block update (1 - g) u + g c; rows are [conditional; unconditional]."""
-        def guide(x: torch.Tensor) -> torch.Tensor:
-            c, u = x.chunk(2)
-            return (1 - g) * u + g * c
-        reference = guide(target - block_in).pow(2).flatten(1).sum(1).clamp_min(1e-12)
-        err = guide(out - target).pow(2).flatten(1).sum(1) / reference
+        reference = guide(target - block_in, g).pow(2).flatten(1).sum(1).clamp_min(1e-12)
+        err = guide(out - target, g).pow(2).flatten(1).sum(1) / reference
         return (err * weight).sum() / weight.sum()
 
     @staticmethod
@@ -298,7 +301,7 @@ class ARC(DiffusionEvaluator):
         variance is not guided), combined u + g (c - u) when rows are [conditional; unconditional]."""
         out, target = out[:, :channels].float(), target[:, :channels].float()
         if g > 1.0:
-            out, target = (u + g * (c - u) for c, u in (out.chunk(2), target.chunk(2)))
+            out, target = guide(out, g), guide(target, g)
         err = (out - target).pow(2).flatten(1).sum(1) / target.pow(2).flatten(1).sum(1).clamp_min(1e-12)
         return (err * weight).sum() / weight.sum()
 
