@@ -100,6 +100,24 @@ def act_spec_of(module, role: str, **changes):
             module.qlinears[n].set_specs(act_spec=spec)
 
 
+@contextmanager
+def debiased_gelu(module):
+    """Every GELU after a quantized fc1 debiased by fc1's output noise on the calibration trajectories."""
+    from tca_lightning.data.calibration import calibration_trajectories, collect_output_noise
+    from tca_lightning.quant.debias import gelu_parents, install_debiased_gelu, remove_debiased_gelu
+
+    transformer = module.transformer
+    parents = gelu_parents(transformer, list(module.qlinears))
+    traj = calibration_trajectories(module.teacher, module.sampler, module.calibration, module.hparams.model)
+    noise = collect_output_noise(module.adapter, traj, {f"{p}.proj": module.qlinears[f"{p}.proj"] for p in parents})
+    install_debiased_gelu(transformer, {p: noise[f"{p}.proj"] for p in parents})
+    print({p: round(float(noise[f"{p}.proj"].mean()), 5) for p in parents}, flush=True)
+    try:
+        yield
+    finally:
+        remove_debiased_gelu(transformer)
+
+
 def sample_shards(module, folder: Path, samples: int, batch: int = 100) -> torch.Tensor:
     from tca_lightning.data.conditions import batch_condition, condition_batch
     from tca_lightning.evaluate import load_sample_shard, save_sample_shard
@@ -151,6 +169,8 @@ def main() -> None:
     parser.add_argument("--fp-acts", nargs="*", default=[], help="one row per role, its inputs left unquantized")
     parser.add_argument("--act-clip", nargs="*", default=[], metavar="ROLE=RATIO",
                         help="one row per entry, that role's activation range clipped to RATIO")
+    parser.add_argument("--debias-gelu", action="store_true",
+                        help="a row with fc1's GELU debiased by its calibrated output noise (quant/debias.py)")
     parser.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True,
                         help="the output-bias-corrected row")
     args = parser.parse_args()
@@ -185,6 +205,9 @@ def main() -> None:
             tag = f"clip{float(ratio):g}".replace(".", "")
             images[f"{role} inputs clipped to {float(ratio):g}"] = sample_shards(module, cache / f"{tag}-{role}",
                                                                                args.samples)
+    if args.debias_gelu:
+        with debiased_gelu(module):
+            images["fc1 GELU debiased"] = sample_shards(module, cache / "debias-gelu", args.samples)
     fp = fp_images(module, args.samples)
     classifier = load_classifier().eval()
     with torch.no_grad():

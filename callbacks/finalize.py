@@ -10,6 +10,9 @@ On fit end, for the ARC module being fit:
    baked weights of ``lowrank_roles``: the quantized weight carries only the residual;
 4. GPTQ (methods/gptq.py) on every quantized weight in that basis, against the same ATG-weighted
    Hessian: error feedback for the 4-bit weights, visiting columns in decreasing energy (act-order);
+4b. with ``debias_gelu``, each quantized fc1's output noise variance per channel, measured at the same
+   representatives and group weights, debiases the GELU after it (quant/debias.py): the quantization
+   noise no longer shifts the mean of the hidden units, which the sampler would accumulate;
 5. a checkpoint of the finalized module (``checkpoints/finalized.ckpt``), which ``test --ckpt_path``
    evaluates exactly as fit's own evaluation did;
 6. the packed checkpoint (``quantized/``: INT4 codes two per byte, FP16 group scales, safetensors + JSON,
@@ -25,10 +28,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from tca_lightning.data.calibration import collect_linear_stats
+from tca_lightning.data.calibration import collect_linear_stats, collect_output_noise
 from tca_lightning.export import save_quantized
 from tca_lightning.methods.gptq import GPTQ
 from tca_lightning.methods.svdquant import apply_svdquant, lowrank_rank
+from tca_lightning.quant.debias import gelu_parents, install_debiased_gelu
 from tca_lightning.quant.rgq import magnitude_order
 from tca_lightning.quant.transforms import transform_gram
 
@@ -38,7 +42,8 @@ PACKED_DIR = "quantized"  # <run_dir>/quantized: the packed checkpoint
 
 class Finalize(L.Callback):
     def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True,
-                 pack: bool = True, lowrank_rank: int = 0, lowrank_roles: list[str] | None = None):
+                 pack: bool = True, lowrank_rank: int = 0, lowrank_roles: list[str] | None = None,
+                 debias_gelu: bool = False):
         """
         Args:
             rgq: reorder channels by calibrated magnitude before group quantization.
@@ -49,6 +54,7 @@ class Finalize(L.Callback):
             lowrank_rank: SVDQuant's low-rank FP branch at this rank for a 1152-wide layer (scaled to the
                 layer's width as SVDQuant's ``rank_scale_to_width``: 2 on the 64-wide tiny models); 0: none.
             lowrank_roles: the roles that get it (None: every quantized weight inside and outside the blocks).
+            debias_gelu: subtract the mean shift fc1's quantization noise causes through its GELU (step 4b).
         """
         if lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {lowrank_rank}")
@@ -56,7 +62,7 @@ class Finalize(L.Callback):
             raise ValueError("a low-rank FP branch (lowrank_rank > 0) has no packed form: set pack: false "
                              "(--trainer.callbacks.init_args.pack false) and evaluate the fake-quant model")
         self.rgq, self.gptq, self.percdamp, self.save, self.pack = rgq, gptq, percdamp, save, pack
-        self.lowrank_rank, self.lowrank_roles = lowrank_rank, lowrank_roles
+        self.lowrank_rank, self.lowrank_roles, self.debias_gelu = lowrank_rank, lowrank_roles, debias_gelu
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not hasattr(module, "bake") or getattr(module, "finalized", False):
@@ -73,10 +79,13 @@ class Finalize(L.Callback):
             GPTQ(module.recipe, percdamp=self.percdamp).calibrate(module.adapter, module.qlinears, stats)
         for q in module.qlinears.values():
             q.freeze()
+        if self.debias_gelu:
+            debias_gelus(trainer.datamodule, module)
         module.finalized = True
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
-        record.update(rgq=self.rgq, gptq=self.gptq, **({"lowrank_rank": self.lowrank_rank} if self.lowrank_rank else {}))
+        record.update(rgq=self.rgq, gptq=self.gptq, **({"lowrank_rank": self.lowrank_rank} if self.lowrank_rank else {}),
+                      **({"debias_gelu": True} if self.debias_gelu else {}))
         if not (self.save or self.pack):
             return
         run_dir = module.run_dir()  # on every rank: under DDP it is a collective
@@ -107,6 +116,25 @@ class Finalize(L.Callback):
         traj = dm.traj.subset(dm.groups.representatives)
         return collect_linear_stats(module.teacher, traj, names=list(module.qlinears), gram=True, progress=False,
                                     batch_size=dm.hparams.calib_batch_size * 2, step_weights=dm.groups.weights)
+
+
+@torch.no_grad()
+def debias_gelus(dm, module) -> dict[str, torch.Tensor]:
+    """Measure each quantized fc1's output noise on the quantized model at ATG's representatives (group
+    weighted) and debias the GELU after it; returns {GELU module name: noise variance per channel}."""
+    parents = gelu_parents(module.transformer, list(module.qlinears))
+    if not parents:
+        raise ValueError("debias_gelu: no quantized linear feeds a diffusers GELU (ff.net.0.proj) in this model; "
+                         "set debias_gelu: false")
+    if getattr(dm, "groups", None) is None:
+        raise ValueError("debias_gelu needs the ATG DataModule's trajectories and groups (fit with ATGDataModule)")
+    traj = dm.traj.subset(dm.groups.representatives)
+    layers = {f"{p}.proj": module.qlinears[f"{p}.proj"] for p in parents}
+    noise = collect_output_noise(module.adapter, traj, layers, batch_size=dm.hparams.calib_batch_size * 2,
+                                 step_weights=dm.groups.weights)
+    variances = {p: noise[f"{p}.proj"] for p in parents}
+    install_debiased_gelu(module.transformer, variances)
+    return variances
 
 
 def reorder_groups(qlinears: dict, stats) -> dict[str, torch.Tensor]:

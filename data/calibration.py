@@ -206,11 +206,43 @@ def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: l
         handles = [m.register_forward_pre_hook(lambda mod, args, n=n: record(n, args[0])) for n, m in modules.items()]
     else:
         handles = [m.register_forward_hook(lambda mod, args, out, n=n: record(n, out)) for n, m in modules.items()]
+    run_trajectories(adapter, traj, batch_size, handles, step_holder, progress)
+    return stats
+
+
+@torch.no_grad()
+def collect_output_noise(adapter: DiffusionAdapter, traj: Trajectories, qlinears: dict[str, torch.nn.Module],
+                         batch_size: int = 64, progress: bool = False,
+                         step_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """{name: E[(y_q - y)^2] per output channel}: each quantized linear's output error against the same
+    layer in floating point (its FP ``weight`` and ``bias`` on the same input; the input transforms fold
+    exactly, so that is the unquantized result), over the trajectories, ``step_weights`` weighting steps."""
+    if step_weights is not None and len(step_weights) != traj.num_steps:
+        raise ValueError(f"step_weights has {len(step_weights)} entries for {traj.num_steps} steps")
+    sums, tokens, step_holder = {}, {}, [0]
+
+    def record(name: str, layer, x: torch.Tensor, y: torch.Tensor) -> None:
+        err = (y - torch.nn.functional.linear(x, layer.weight.to(x.dtype), layer.bias)).float()
+        err = err.reshape(-1, err.shape[-1])
+        w = 1.0 if step_weights is None else float(step_weights[step_holder[0]])
+        sums[name] = sums.get(name, 0.0) + w * err.square().sum(0).double().cpu()
+        tokens[name] = tokens.get(name, 0.0) + w * err.shape[0]
+
+    handles = [m.register_forward_hook(lambda mod, args, out, n=n: record(n, mod, args[0], out))
+               for n, m in qlinears.items()]
+    run_trajectories(adapter, traj, batch_size, handles, step_holder, progress, desc="output noise")
+    return {n: (sums[n] / max(tokens[n], 1e-12)).float() for n in sums}
+
+
+def run_trajectories(adapter: DiffusionAdapter, traj: Trajectories, batch_size: int, handles: list,
+                     step_holder: list[int], progress: bool, desc: str = "calibration statistics") -> None:
+    """One forward per step and batch (with the unconditional half under guidance), ``step_holder[0]``
+    naming the step for the hooks; removes ``handles`` at the end."""
     device = next(adapter.transformer.parameters()).device
     guided = traj.sampler.guidance_scale > 1.0
     try:
         n_items = traj.x.shape[1]
-        for s in tqdm(range(traj.num_steps), disable=not progress, desc="calibration statistics", leave=False):
+        for s in tqdm(range(traj.num_steps), disable=not progress, desc=desc, leave=False):
             step_holder[0] = s
             for lo in range(0, n_items, batch_size):
                 x = traj.x[s, lo:lo + batch_size].to(device)
@@ -222,7 +254,6 @@ def collect_linear_stats(adapter: DiffusionAdapter, traj: Trajectories, names: l
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 def slice_condition(cond: Condition, lo: int, hi: int) -> Condition:

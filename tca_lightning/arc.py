@@ -38,6 +38,7 @@ from tca_lightning.evaluate import DiffusionEvaluator
 from tca_lightning.methods.base import QuantRecipe, wrap_linears
 from tca_lightning.models.adapters import ROLES, Condition, get_adapter
 from tca_lightning.models.samplers import SamplerConfig
+from tca_lightning.quant.debias import install_debiased_gelu
 from tca_lightning.quant.learnable import KronTransform
 from tca_lightning.quant.transforms import fp16_values, smoothquant_scales
 
@@ -184,6 +185,11 @@ class ARC(DiffusionEvaluator):
         super().on_load_checkpoint(checkpoint)
         if not self._built and any(k.startswith("transforms.") for k in checkpoint["state_dict"]):
             self.build(None)
+        noise_vars = {k[len("transformer."):-len(".noise_var")]: torch.zeros_like(v)
+                      for k, v in checkpoint["state_dict"].items()
+                      if k.startswith("transformer.") and k.endswith(".noise_var")}
+        if noise_vars:  # Finalize(debias_gelu=True): the debiased GELUs' home (the values load next)
+            install_debiased_gelu(self.transformer, noise_vars)
         if checkpoint.get("tca_finalized", False):
             for q in self.qlinears.values():
                 q.transform = None  # the loaded smooth/rotation/perm/weight_q buffers are the transforms now

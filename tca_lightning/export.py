@@ -14,7 +14,8 @@ same parent, renamed into place: a reader never sees half of one, a failed expor
   and its recipe, the diffusers class and config (so the architecture is rebuilt without the
   original weights), every packed layer's bits, group sizes and layout, the caption encoder reference
   (PixArt-style models), ``aliases`` (format 3: a tensor identical to an earlier one, e.g. the transform
-  q, k and v share, is stored once and named here), and the SHA-256 of the safetensors file (so
+  q, k and v share, is stored once and named here), ``debiased_gelu`` (format 4: the GELU modules whose
+  ``<module>.noise_var`` debiases them, quant/debias.py), and the SHA-256 of the safetensors file (so
   corruption is caught on load, not as garbage images).
 
 ``load_quantized`` rebuilds the diffusers transformer from its class and config, replaces the packed
@@ -37,10 +38,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tca_lightning.kernels.packed_linear import PackedLinear
+from tca_lightning.quant.debias import DebiasedGELU, install_debiased_gelu
 from tca_lightning.quant.linear import QuantLinear
 
-FORMAT_VERSION = 3  # 3: identical tensors stored once ("aliases"); 2: Kronecker-factored rotations; 1: dense
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 4: debiased GELUs ("debiased_gelu"); 3: identical tensors stored once ("aliases");
+# 2: Kronecker-factored rotations; 1: dense
+READABLE_VERSIONS = (1, 2, 3, 4)
 FORMAT_NAME = "tca_lightning.packed"
 CONFIG_FILE = "quantized.json"
 TENSORS_FILE = "model.safetensors"
@@ -107,6 +110,7 @@ def save_quantized(module_or_adapter, path: str | os.PathLike, recipe=None, mode
         "caption_encoder": caption_encoder_reference(caption_encoder, model_name, class_name),
         "layers": {name: layer.config() for name, layer in packed.items()},
         "aliases": aliases,
+        "debiased_gelu": sorted(n for n, m in transformer.named_modules() if isinstance(m, DebiasedGELU)),
         "memory": memory_summary(packed.values()),
     }
     return _write_atomic(Path(path), tensors, config, overwrite)
@@ -302,6 +306,13 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         except (ValueError, KeyError, TypeError) as err:
             raise _fail(tensors_file, f"does not match quantized.json for layer {name} ({err})") from None
         _set_submodule(transformer, name, layer)
+    debiased = config.get("debiased_gelu", [])
+    if not isinstance(debiased, list) or not all(isinstance(n, str) for n in debiased):
+        raise _fail(json_file, "has a 'debiased_gelu' section that is not a list of module names")
+    try:
+        install_debiased_gelu(transformer, {n: tensors[f"{n}.noise_var"] for n in debiased})
+    except (KeyError, AttributeError, ValueError) as err:
+        raise _fail(tensors_file, f"does not hold the debiased GELUs quantized.json lists ({err})") from None
     prefixes = tuple(f"{name}." for name in config["layers"])
     expected = {k: v for k, v in transformer.state_dict().items() if not k.startswith(prefixes)}
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))

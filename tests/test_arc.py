@@ -212,3 +212,28 @@ def test_finalize_rejects_a_lowrank_branch_it_cannot_pack():
         Finalize(lowrank_rank=32)
     with pytest.raises(ValueError, match="lowrank_rank must be >= 0"):
         Finalize(lowrank_rank=-1, pack=False)
+
+
+def test_finalize_debiases_the_gelus_and_both_checkpoints_keep_them(tmp_path):
+    from tca_lightning.callbacks import Finalize
+    from tca_lightning.export import load_quantized, save_quantized
+    from tca_lightning.quant.debias import DebiasedGELU
+
+    module, trainer = _fit(tmp_path, epochs=1, callbacks=[Finalize(debias_gelu=True, pack=False, save=False)])
+    debiased = {n: m for n, m in module.transformer.named_modules() if isinstance(m, DebiasedGELU)}
+    fc1 = {n.rpartition(".")[0] for n, q in module.qlinears.items() if q.role == "fc1"}
+    assert set(debiased) == fc1 and all(float(m.noise_var.min()) > 0 for m in debiased.values())
+    assert module._quant_record["debias_gelu"] is True
+    x, t, cond = torch.randn(2, 1, 32, 32), torch.tensor(500), Condition(labels=torch.tensor([1, 2]))
+    with torch.no_grad():
+        out = module.adapter.forward(x, t, cond)
+        trainer.save_checkpoint(tmp_path / "finalized.ckpt")
+        reloaded = ARC.load_from_checkpoint(tmp_path / "finalized.ckpt", map_location="cpu")
+        for q in reloaded.qlinears.values():
+            q.freeze()
+        torch.testing.assert_close(reloaded.adapter.forward(x, t, cond), out)
+        save_quantized(module, tmp_path / "quantized", RECIPE, "random:tiny-dit", method="tca-dit")
+        packed = load_quantized(tmp_path / "quantized")
+        loaded = {n: m for n, m in packed.named_modules() if isinstance(m, DebiasedGELU)}
+        assert set(loaded) == fc1
+        assert all(torch.equal(loaded[n].noise_var, debiased[n].noise_var) for n in fc1)

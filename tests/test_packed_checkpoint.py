@@ -249,7 +249,7 @@ def test_save_load_round_trip(quantized, make_inputs, tmp_path):
         assert rel < 1e-5, rel  # the fake quant used the FP16 scales: summation order only (module docstring)
 
     config = json.loads((path / CONFIG_FILE).read_text())
-    assert config["format_version"] == FORMAT_VERSION == 3 and config["method"] == method and config["model"] == "random:tiny"
+    assert config["format_version"] == FORMAT_VERSION == 4 and config["method"] == method and config["model"] == "random:tiny"
     assert config["recipe"]["wbits"] == 4 and config["recipe"]["group_size"] == 32
     assert config["transformer"]["class_name"] == type(adapter.transformer).__name__
     assert config["transformer"]["config"]["num_layers"] == 2
@@ -354,8 +354,8 @@ def test_truncated_safetensors(saved):
 def test_unknown_format_version_and_bad_json(saved):
     path, _ = saved
     config = json.loads((path / CONFIG_FILE).read_text())
-    (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 4}))
-    with pytest.raises(ValueError, match="format_version 4, this tca_lightning reads format_version 1 or 2 or 3"):
+    (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 5}))
+    with pytest.raises(ValueError, match="format_version 5, this tca_lightning reads format_version 1 or 2 or 3 or 4"):
         load_quantized(path)
     (path / CONFIG_FILE).write_text(json.dumps({**config, "aliases": {"blocks.0.x.smooth": "no.such.tensor"}}))
     with pytest.raises(ValueError, match="says 'blocks.0.x.smooth' is stored as 'no.such.tensor', which "
