@@ -54,6 +54,10 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "lowrank-fc1": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
                     "--trainer.callbacks.init_args.lowrank_roles=[fc1]"],  # SVDQuant's FP branch on fc1 (finalize)
     "lowrank-all": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32"],
+    "debias-gelu": ["--trainer.callbacks.init_args.debias_gelu=true"],  # fc1's GELU debiased (quant/debias.py)
+    "lowrank-fc1 debias-gelu": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
+                                "--trainer.callbacks.init_args.lowrank_roles=[fc1]",
+                                "--trainer.callbacks.init_args.debias_gelu=true"],
     "on-policy output-1": ["--trainer.callbacks+=tca_lightning.callbacks.OnPolicyStates",
                            "--trainer.callbacks.start_epoch=2", A + "lambda_output=1.0"],
 }

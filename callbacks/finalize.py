@@ -7,7 +7,8 @@ On fit end, for the ARC module being fit:
 3. RGQ (quant/rgq.py): permute each activation-grouped input by decreasing energy of X T, i.e. the
    diagonal of T^T (X^T X) T, so every group of G channels holds channels of like magnitude;
 3b. optionally (``lowrank_rank``), SVDQuant's floating-point low-rank branch (Li et al., ICLR 2025) on the
-   baked weights of ``lowrank_roles``: the quantized weight carries only the residual;
+   baked weights of ``lowrank_roles`` (factors rounded to FP16): the quantized weight carries only the residual,
+   the packed checkpoint the branch beside the INT4 codes;
 4. GPTQ (methods/gptq.py) on every quantized weight in that basis, against the same ATG-weighted
    Hessian: error feedback for the 4-bit weights, visiting columns in decreasing energy (act-order);
 4b. with ``debias_gelu``, each quantized fc1's output noise variance per channel, measured at the same
@@ -34,7 +35,7 @@ from tca_lightning.methods.gptq import GPTQ
 from tca_lightning.methods.svdquant import apply_svdquant, lowrank_rank
 from tca_lightning.quant.debias import gelu_parents, install_debiased_gelu
 from tca_lightning.quant.rgq import magnitude_order
-from tca_lightning.quant.transforms import transform_gram
+from tca_lightning.quant.transforms import fp16_values, transform_gram
 
 
 PACKED_DIR = "quantized"  # <run_dir>/quantized: the packed checkpoint
@@ -58,9 +59,6 @@ class Finalize(L.Callback):
         """
         if lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {lowrank_rank}")
-        if lowrank_rank and pack:
-            raise ValueError("a low-rank FP branch (lowrank_rank > 0) has no packed form: set pack: false "
-                             "(--trainer.callbacks.init_args.pack false) and evaluate the fake-quant model")
         self.rgq, self.gptq, self.percdamp, self.save, self.pack = rgq, gptq, percdamp, save, pack
         self.lowrank_rank, self.lowrank_roles, self.debias_gelu = lowrank_rank, lowrank_roles, debias_gelu
 
@@ -106,6 +104,7 @@ class Finalize(L.Callback):
         for q in qlinears.values():
             if q.weight_spec.enabled and (self.lowrank_roles is None or q.role in self.lowrank_roles):
                 apply_svdquant(q, lowrank_rank(self.lowrank_rank, q.in_features, q.out_features))
+                q.set_lowrank(fp16_values(q.lowrank_a), fp16_values(q.lowrank_b))  # stored in FP16, losslessly
 
     @staticmethod
     @torch.no_grad()

@@ -134,11 +134,34 @@ def test_fp32_scales_are_rounded_to_fp16_by_packing(layer):
         assert _rel(p(x), q(x)) <= 1e-3  # measured 3.0e-4 .. 3.5e-4 (FP16 rounding of the scales)
 
 
-def test_low_rank_branch_is_refused():
+@pytest.mark.parametrize("fp16_factors", [True, False])
+def test_low_rank_branch_is_packed_beside_the_integer_weight(fp16_factors):
+    """SVDQuant's FP branch travels with the INT4 codes: the packed layer equals the fake quant (FP16 scale rounding
+    aside), through config()/tensors() too; FP16-valued factors are stored in FP16, others as they are."""
+    from tca_lightning.methods.svdquant import apply_svdquant
+    from tca_lightning.quant.transforms import fp16_values
+
     q = _quant_linear(*LAYERS["w4a4-sym"])
-    q.set_lowrank(torch.randn(64, 4), torch.randn(4, 48))
-    with pytest.raises(ValueError, match="low-rank FP branch \\(SVDQuant\\).*TCA-DiT, GPTQ, RTN"):
-        PackedLinear.from_quant_linear(q)
+    apply_svdquant(q, 4)
+    if fp16_factors:
+        q.set_lowrank(fp16_values(q.lowrank_a), fp16_values(q.lowrank_b))
+    p = PackedLinear.from_quant_linear(q)
+    assert p.lowrank_a.dtype == (torch.float16 if fp16_factors else torch.float32)
+    assert p.config()["lowrank_rank"] == 4 and "low rank 4" in repr(p)
+    x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        same = copy.deepcopy(q)
+        same.set_quantized_weight(p.dequantized_weight())
+        assert _rel(p(x), same(x)) <= 1e-5
+        without = copy.deepcopy(p)
+        without.lowrank_a = without.lowrank_b = None
+        assert _rel(without(x), same(x)) > 1e-2  # the branch carries a real part of the product
+        rebuilt = PackedLinear.from_config(p.config(), p.tensors())
+        assert torch.equal(rebuilt(x), p(x))
+    with pytest.raises(ValueError, match="tensors missing \\['lowrank_b'\\]"):
+        PackedLinear.from_config(p.config(), {k: v for k, v in p.tensors().items() if k != "lowrank_b"})
+    with pytest.raises(ValueError, match="lowrank_b has shape"):
+        PackedLinear.from_config(p.config(), {**p.tensors(), "lowrank_b": torch.zeros(4, 7)})
 
 
 def test_w8a8_integer_gemm_is_exact():

@@ -14,6 +14,9 @@ the same :func:`tca_lightning.quant.transforms.transform_input`. Its forward:
         sizes): activation codes by quant.quantizers' formulas, exact per-group integer dots
         (kernels.grouped), the zero point as a correction term;
     weight-only (activations >= 16 bits): F.linear with the dequantized weight;
+    plus, where the layer has one, SVDQuant's floating-point low-rank branch (x' A) B on the unquantized x'
+        (Li et al., ICLR 2025): two thin GEMMs beside the integer one (``lowrank_a`` (K, r), ``lowrank_b`` (r, N),
+        FP16 where that is lossless);
     FP weights (a QuantLinear whose weight_spec is >= 16 bits): F.linear, activations fake-quantized
         in float when their spec asks for it (no integer kernel to run there).
 
@@ -70,7 +73,8 @@ class PackedLinear(nn.Module):
                  weight_group_size: int, act_group_size: int, act_symmetric: bool, qweight: torch.Tensor,
                  weight_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                  smooth: torch.Tensor | None = None, rotation: Rotation | None = None,
-                 perm: torch.Tensor | None = None, name: str = "linear", role: str | None = None):
+                 perm: torch.Tensor | None = None, lowrank_a: torch.Tensor | None = None,
+                 lowrank_b: torch.Tensor | None = None, name: str = "linear", role: str | None = None):
         super().__init__()
         self.in_features, self.out_features, self.name, self.role = in_features, out_features, name, role
         self.weight_bits, self.act_bits = weight_bits, act_bits
@@ -111,6 +115,13 @@ class PackedLinear(nn.Module):
         for b_name, value in (("smooth", smooth), *rotations.items()):  # FP16 where lossless (ARC.bake's values)
             self.register_buffer(b_name, narrow_if_lossless(value))
         self.register_buffer("perm", perm)
+        if (lowrank_a is None) != (lowrank_b is None):
+            raise ValueError(f"{name}: a low-rank branch needs both lowrank_a and lowrank_b")
+        if lowrank_a is not None:
+            self._check("lowrank_a", lowrank_a, (k, lowrank_a.shape[-1]), None)
+            self._check("lowrank_b", lowrank_b, (lowrank_a.shape[-1], n), None)
+        self.register_buffer("lowrank_a", narrow_if_lossless(lowrank_a))
+        self.register_buffer("lowrank_b", narrow_if_lossless(lowrank_b))
         self.register_buffer("_perm_index", None if perm is None else perm.long(), persistent=False)
         # derived, rebuilt on load (not in checkpoints): scales on the GEMM's groups, weight code sums per group
         self.register_buffer("_gemm_scale", None, persistent=False)
@@ -136,10 +147,6 @@ class PackedLinear(nn.Module):
     def from_quant_linear(cls, q) -> "PackedLinear":
         """Pack a finalized QuantLinear (its ``quantized_weight()``: GPTQ's installed grid, or RTN's)."""
         name = q.name
-        if q.lowrank_a is not None:
-            raise ValueError(f"{name} has a low-rank FP branch (SVDQuant): packing supports layers that are one "
-                             f"quantized matmul after an input transform (TCA-DiT, GPTQ, RTN, SmoothQuant, QuaRot, "
-                             f"Q-DiT, PTQ4DiT, ViDiT-Q); evaluate SVDQuant with the fake-quant model")
         if q.transform is not None:
             raise ValueError(f"{name} still has a learnable transform: bake it first (ARC.bake, which Finalize runs)")
         if q.act_scale is not None:
@@ -163,7 +170,9 @@ class PackedLinear(nn.Module):
         return cls(k, q.out_features, weight_bits=ws.bits if ws.enabled else 32, act_bits=act_bits,
                    weight_group_size=gw, act_group_size=ga, act_symmetric=as_.symmetric, qweight=qweight,
                    weight_scale=scale16, bias=None if q.bias is None else q.bias.detach().clone(),
-                   smooth=q.smooth, rotation=q.input_rotation, perm=q.perm, name=name, role=getattr(q, "role", None))
+                   smooth=q.smooth, rotation=q.input_rotation, perm=q.perm, name=name, role=getattr(q, "role", None),
+                   lowrank_a=None if q.lowrank_a is None else q.lowrank_a.detach().clone(),
+                   lowrank_b=None if q.lowrank_b is None else q.lowrank_b.detach().clone())
 
     @property
     def input_rotation(self) -> Rotation | None:
@@ -174,6 +183,8 @@ class PackedLinear(nn.Module):
         cfg = {key: getattr(self, key) for key in CONFIG_KEYS}
         cfg.update(weight_format=self.weight_format, pack_group_size=self.pack_group_size, bias=self.bias is not None,
                    transforms=[t for t in TRANSFORM_BUFFERS if getattr(self, t) is not None])
+        if self.lowrank_a is not None:
+            cfg["lowrank_rank"] = int(self.lowrank_a.shape[1])
         return cfg
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -189,6 +200,8 @@ class PackedLinear(nn.Module):
             wanted.add("weight_scale")
         if cfg.get("bias"):
             wanted.add("bias")
+        if cfg.get("lowrank_rank"):
+            wanted |= {"lowrank_a", "lowrank_b"}
         missing, extra = sorted(wanted - set(tensors)), sorted(set(tensors) - wanted)
         if missing or extra:
             raise ValueError(f"{name}: tensors missing {missing}, unexpected {extra}")
@@ -198,6 +211,9 @@ class PackedLinear(nn.Module):
                 raise ValueError(f"{name}: a Kronecker rotation needs both rotation_left and rotation_right")
             tensors["rotation"] = (tensors.pop("rotation_left"), tensors.pop("rotation_right"))
         layer = cls(**{k: cfg[k] for k in CONFIG_KEYS}, **tensors)
+        if cfg.get("lowrank_rank") and cfg["lowrank_rank"] != layer.lowrank_a.shape[1]:
+            raise ValueError(f"{name}: lowrank_rank {cfg['lowrank_rank']} in the config, the tensors have rank "
+                             f"{layer.lowrank_a.shape[1]}")
         for key in ("weight_format", "pack_group_size"):
             if key in cfg and cfg[key] != getattr(layer, key):
                 raise ValueError(f"{name}: {key} {cfg[key]!r} in the config, {getattr(layer, key)!r} from its bits "
@@ -221,11 +237,18 @@ class PackedLinear(nn.Module):
         return self.weight_codes().float() * scale
 
     def weight_nbytes(self) -> int:
-        """Bytes of the stored weight: codes plus scales."""
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.weight_scale) if t is not None)
+        """Bytes of the stored weight: codes plus scales (plus the low-rank branch's factors, if any)."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.weight_scale, self.lowrank_a, self.lowrank_b)
+                   if t is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xt = transform_input(x, self.smooth, self.input_rotation, self._perm_index)
+        y = self._quantized_product(x, xt)
+        if self.lowrank_a is not None:
+            y = y + (xt @ self.lowrank_a.to(xt.dtype)) @ self.lowrank_b.to(xt.dtype)
+        return y
+
+    def _quantized_product(self, x: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
         if self.weight_format == "float":
             if self.act_bits < 16:
                 spec = QuantSpec(bits=self.act_bits, symmetric=self.act_symmetric, granularity="group",
@@ -289,4 +312,5 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"{self.in_features}->{self.out_features}", f"W{self.weight_bits}A{self.act_bits}",
                  f"{self.weight_format} weight", f"groups w{self.weight_group_size}/a{self.act_group_size}"]
+        parts += [f"low rank {self.lowrank_a.shape[1]}"] if self.lowrank_a is not None else []
         return ", ".join(parts + [t for t in TRANSFORM_BUFFERS if getattr(self, t) is not None])
