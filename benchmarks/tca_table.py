@@ -54,6 +54,8 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "lowrank-fc1": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
                     "--trainer.callbacks.init_args.lowrank_roles=[fc1]"],  # SVDQuant's FP branch on fc1 (finalize)
     "lowrank-all": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32"],
+    "arc-lowrank-fc1": [A + "lowrank_rank=32", A + "lowrank_roles=[fc1]"],  # learned with the branch (Finalize adds it)
+    "arc-lowrank-all": [A + "lowrank_rank=32"],
     "debias-gelu": ["--trainer.callbacks.init_args.debias_gelu=true"],  # fc1's GELU debiased (quant/debias.py)
     "lowrank-fc1 debias-gelu": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
                                 "--trainer.callbacks.init_args.lowrank_roles=[fc1]",
@@ -139,7 +141,8 @@ def main() -> None:
 
 # ARC settings that leave results as they were at their defaults (checkpoint_blocks: the same gradients;
 # lambda_guided=0, lambda_output=0: the term is off): left out of the rows' key, so adding them kept the finished rows.
-RESULT_NEUTRAL = {"checkpoint_blocks": False, "lambda_guided": 0.0, "lambda_output": 0.0}
+RESULT_NEUTRAL = {"checkpoint_blocks": False, "lambda_guided": 0.0, "lambda_output": 0.0, "lowrank_rank": 0,
+                  "lowrank_roles": None}
 
 
 def arc_defaults() -> str:

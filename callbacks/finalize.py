@@ -52,7 +52,8 @@ class Finalize(L.Callback):
             percdamp: GPTQ's Hessian dampening (fraction of the mean diagonal).
             save: write ``checkpoints/finalized.ckpt`` in the run directory.
             pack: write the packed INT4 checkpoint ``quantized/`` in the run directory (rank 0).
-            lowrank_rank: SVDQuant's low-rank FP branch at this rank for a 1152-wide layer (scaled to the
+            lowrank_rank: SVDQuant's low-rank FP branch at this rank for a 1152-wide layer (0: ARC's
+                ``arc.lowrank_rank`` and ``arc.lowrank_roles``, the branch it learned with, if any) (scaled to the
                 layer's width as SVDQuant's ``rank_scale_to_width``: 2 on the 64-wide tiny models); 0: none.
             lowrank_roles: the roles that get it (None: every quantized weight inside and outside the blocks).
             debias_gelu: subtract the mean shift fc1's quantization noise causes through its GELU (step 4b).
@@ -71,8 +72,11 @@ class Finalize(L.Callback):
             stats = self.representative_stats(trainer.datamodule, module)
             if self.rgq:
                 reorder_groups(module.qlinears, stats)
-        if self.lowrank_rank:
-            self.add_lowrank(module.qlinears)
+        rank, roles = self.lowrank_rank, self.lowrank_roles
+        if not rank and getattr(getattr(module, "arc", None), "lowrank_rank", 0):
+            rank, roles = module.arc.lowrank_rank, module.arc.lowrank_roles  # the branch ARC learned with
+        if rank:
+            self.add_lowrank(module.qlinears, rank, roles)
         if self.gptq:
             GPTQ(module.recipe, percdamp=self.percdamp).calibrate(module.adapter, module.qlinears, stats)
         for q in module.qlinears.values():
@@ -82,7 +86,7 @@ class Finalize(L.Callback):
         module.finalized = True
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
-        record.update(rgq=self.rgq, gptq=self.gptq, **({"lowrank_rank": self.lowrank_rank} if self.lowrank_rank else {}),
+        record.update(rgq=self.rgq, gptq=self.gptq, **({"lowrank_rank": rank} if rank else {}),
                       **({"debias_gelu": True} if self.debias_gelu else {}))
         if not (self.save or self.pack):
             return
@@ -96,14 +100,14 @@ class Finalize(L.Callback):
                            method=module.record_overrides().get("method", "tca-dit"))
 
     @torch.no_grad()
-    def add_lowrank(self, qlinears: dict) -> None:
-        roles = {q.role for q in qlinears.values()}
-        unknown = set(self.lowrank_roles or ()) - roles
+    def add_lowrank(self, qlinears: dict, rank: int, roles=None) -> None:
+        present = {q.role for q in qlinears.values()}
+        unknown = set(roles or ()) - present
         if unknown:
-            raise ValueError(f"lowrank_roles {sorted(unknown)} match no quantized linear; roles here: {sorted(roles)}")
+            raise ValueError(f"lowrank_roles {sorted(unknown)} match no quantized linear; roles here: {sorted(present)}")
         for q in qlinears.values():
-            if q.weight_spec.enabled and (self.lowrank_roles is None or q.role in self.lowrank_roles):
-                apply_svdquant(q, lowrank_rank(self.lowrank_rank, q.in_features, q.out_features))
+            if q.weight_spec.enabled and (roles is None or q.role in roles):
+                apply_svdquant(q, lowrank_rank(rank, q.in_features, q.out_features))
                 q.set_lowrank(fp16_values(q.lowrank_a), fp16_values(q.lowrank_b))  # stored in FP16, losslessly
 
     @staticmethod

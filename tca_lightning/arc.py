@@ -83,6 +83,14 @@ class ARCConfig:
     fake_quant_weights: bool = True
     """Quantize the weights inside the blocks while learning (False: learn against activation
     quantization alone and leave the weights' error to the finalize step's GPTQ; bake() restores them)."""
+    lowrank_rank: int = 0
+    """SVDQuant's FP low-rank branch (Li et al., ICLR 2025) *while learning*: before every step, the top
+    singular directions of each transformed weight of ``lowrank_roles`` (rank scaled to the layer's width as
+    SVDQuant's: this value at 1152) run in floating point on the unquantized input and only the residual is
+    quantized, so the scales and rotations are learned for the split the finalize step deploys (Finalize adds
+    the same branch on the baked weights); 0 leaves it out."""
+    lowrank_roles: tuple[str, ...] | None = None
+    """Roles with the learned-with low-rank branch (None: every role)."""
     roles: tuple[str, ...] = ROLES
     """Roles whose inputs get a transform. Inputs inside the transformer blocks get a learned one;
     the rest (PixArt's adaLN-single and caption projection, the final layer) a fixed SmoothQuant
@@ -97,6 +105,8 @@ class ARCConfig:
     def __post_init__(self):
         if self.scale_init not in ("smoothquant", "ones"):
             raise ValueError(f"arc.scale_init must be 'smoothquant' or 'ones', got {self.scale_init!r}")
+        if self.lowrank_rank < 0:
+            raise ValueError(f"arc.lowrank_rank must be >= 0 (0: no low-rank branch), got {self.lowrank_rank}")
         if self.rotation_init not in ("hadamard", "identity"):
             raise ValueError(f"arc.rotation_init must be 'hadamard' or 'identity', got {self.rotation_init!r}")
 
@@ -241,7 +251,23 @@ class ARC(DiffusionEvaluator):
     def _condition(self, batch: dict) -> Condition:
         return Condition(labels=batch.get("labels"), tokens=batch.get("tokens"), mask=batch.get("mask"))
 
+    @torch.no_grad()
+    def refresh_lowrank(self) -> None:
+        """Re-split every learned layer of ``arc.lowrank_roles`` into its rank-r SVD branch and the residual the
+        quantizer sees, for the transforms as they are now (the branch is a constant within a step)."""
+        from tca_lightning.methods.svdquant import lowrank_rank, svd_lowrank
+
+        roles = self.arc.lowrank_roles
+        for q in self.qlinears.values():
+            if q.transform is None or not q.weight_spec.enabled or (roles is not None and q.role not in roles):
+                continue
+            q.lowrank_a = q.lowrank_b = None
+            q.set_lowrank(*svd_lowrank(q.transformed_weight().detach(),
+                                       lowrank_rank(self.arc.lowrank_rank, q.in_features, q.out_features)))
+
     def training_step(self, batch: dict, batch_idx: int):
+        if self.arc.lowrank_rank:
+            self.refresh_lowrank()
         fp = self.teacher
         q = self.adapter
         x, t, cond = batch["x"], batch["timestep"], self._condition(batch)
@@ -392,6 +418,7 @@ class ARC(DiffusionEvaluator):
             t = q.transform
             if t is None:
                 continue
+            q.lowrank_a = q.lowrank_b = None  # the learned-with branch: Finalize re-splits the baked weight after RGQ
             if q.smooth is not None or q.input_rotation is not None:
                 raise ValueError(f"{name} already has a fixed smooth/rotation: bake() would compose them silently")
             q.transform = None

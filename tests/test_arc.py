@@ -202,7 +202,7 @@ def test_finalize_adds_a_lowrank_branch_to_the_chosen_roles_only(tmp_path):
     assert fc1 and all(q.lowrank_a.shape[1] == lowrank_rank(32, q.in_features, q.out_features) for q in fc1)
     assert all(q.lowrank_a is None for q in module.qlinears.values() if q.role != "fc1")
     with pytest.raises(ValueError, match=r"lowrank_roles \['fc3'\] match no quantized linear"):
-        Finalize(lowrank_rank=32, lowrank_roles=["fc3"], pack=False).add_lowrank(module.qlinears)
+        Finalize().add_lowrank(module.qlinears, 32, ["fc3"])
 
 
 def test_finalize_rejects_a_negative_rank():
@@ -240,3 +240,36 @@ def test_finalize_debiases_the_gelus_and_both_checkpoints_keep_them_and_the_lowr
         packed_out = get_adapter(packed).forward(x, t, cond)
         # Kronecker rotations: summation-order ulps flip a few 4-bit codes (test_packed_checkpoint's bound)
         assert float((packed_out - out).norm() / out.norm()) < 5e-2
+
+
+def test_arc_learns_with_the_lowrank_branch_and_finalize_deploys_it(tmp_path):
+    from tca_lightning.callbacks import Finalize
+    from tca_lightning.methods.svdquant import lowrank_rank, svd_lowrank
+    from tca_lightning.quant.transforms import fold_input_transform
+
+    seen = {}
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.update({n: q.lowrank_a is not None for n, q in module.qlinears.items()})
+
+    module, _ = _fit(tmp_path, epochs=1, lowrank_rank=32, lowrank_roles=("fc1",),
+                     callbacks=[Spy(), Finalize(pack=False, save=False)])
+    assert seen and all(v == (module.qlinears[n].role == "fc1") for n, v in seen.items())  # live during ARC
+    fc1 = [q for q in module.qlinears.values() if q.role == "fc1"]
+    assert module.finalized and module._quant_record["lowrank_rank"] == 32  # Finalize took ARC's branch
+    assert all(q.lowrank_a.shape[1] == lowrank_rank(32, q.in_features, q.out_features) for q in fc1)
+    assert all(q.lowrank_a is None for q in module.qlinears.values() if q.role != "fc1")
+    # after RGQ the branch is the SVD of the baked, permuted weight (FP16-rounded factors)
+    # the deployed branch is the SVD of the FP weight in the baked, RGQ-permuted basis (FP16-rounded factors)
+    name, q = next((n, q) for n, q in module.qlinears.items() if q.role == "fc1")
+    fp_weight = module.teacher.transformer.get_submodule(name).weight
+    a, b = svd_lowrank(fold_input_transform(fp_weight, q.smooth, q.input_rotation, q.perm),
+                       lowrank_rank(32, q.in_features, q.out_features))
+    assert q.perm is not None
+    torch.testing.assert_close(q.lowrank_a @ q.lowrank_b, a @ b, rtol=0, atol=2e-3 * float((a @ b).abs().max()))
+
+
+def test_arc_rejects_a_negative_lowrank_rank():
+    with pytest.raises(ValueError, match="arc.lowrank_rank must be >= 0"):
+        ARCConfig(lowrank_rank=-1)
