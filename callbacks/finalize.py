@@ -52,9 +52,9 @@ class Finalize(L.Callback):
             percdamp: GPTQ's Hessian dampening (fraction of the mean diagonal).
             save: write ``checkpoints/finalized.ckpt`` in the run directory.
             pack: write the packed INT4 checkpoint ``quantized/`` in the run directory (rank 0).
-            lowrank_rank: SVDQuant's low-rank FP branch at this rank for a 1152-wide layer (0: ARC's
-                ``arc.lowrank_rank`` and ``arc.lowrank_roles``, the branch it learned with, if any) (scaled to the
-                layer's width as SVDQuant's ``rank_scale_to_width``: 2 on the 64-wide tiny models); 0: none.
+            lowrank_rank: SVDQuant's low-rank FP branch at this rank for a 1152-wide layer (scaled to the
+                layer's width as SVDQuant's ``rank_scale_to_width``: 2 on the 64-wide tiny models); 0: the branch
+                ARC learned with (``arc.lowrank_rank``/``arc.lowrank_roles``) if any, else none.
             lowrank_roles: the roles that get it (None: every quantized weight inside and outside the blocks).
             debias_gelu: subtract the mean shift fc1's quantization noise causes through its GELU (step 4b).
         """
