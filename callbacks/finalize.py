@@ -44,7 +44,7 @@ PACKED_DIR = "quantized"  # <run_dir>/quantized: the packed checkpoint
 class Finalize(L.Callback):
     def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True,
                  pack: bool = True, lowrank_rank: int = 0, lowrank_roles: list[str] | None = None,
-                 debias_gelu: bool = False):
+                 debias_gelu: bool = False, stats_steps: str = "representatives"):
         """
         Args:
             rgq: reorder channels by calibrated magnitude before group quantization.
@@ -57,11 +57,17 @@ class Finalize(L.Callback):
                 ARC learned with (``arc.lowrank_rank``/``arc.lowrank_roles``) if any, else none.
             lowrank_roles: the roles that get it (None: every quantized weight inside and outside the blocks).
             debias_gelu: subtract the mean shift fc1's quantization noise causes through its GELU (step 4b).
+            stats_steps: the timesteps whose statistics RGQ, GPTQ and the debias read: ``representatives``
+                (ATG's K, group-weighted) or ``all`` (every calibration step, one forward pass each: cheap
+                next to ARC, which ATG's selection is for).
         """
+        if stats_steps not in ("representatives", "all"):
+            raise ValueError(f"stats_steps must be 'representatives' or 'all', got {stats_steps!r}")
         if lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {lowrank_rank}")
         self.rgq, self.gptq, self.percdamp, self.save, self.pack = rgq, gptq, percdamp, save, pack
         self.lowrank_rank, self.lowrank_roles, self.debias_gelu = lowrank_rank, lowrank_roles, debias_gelu
+        self.stats_steps = stats_steps
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not hasattr(module, "bake") or getattr(module, "finalized", False):
@@ -69,7 +75,7 @@ class Finalize(L.Callback):
         start = time.perf_counter()
         module.bake()
         if self.rgq or self.gptq:
-            stats = self.representative_stats(trainer.datamodule, module)
+            stats = self.representative_stats(trainer.datamodule, module, self.stats_steps)
             if self.rgq:
                 reorder_groups(module.qlinears, stats)
         rank, roles = self.lowrank_rank, self.lowrank_roles
@@ -82,7 +88,7 @@ class Finalize(L.Callback):
         for q in module.qlinears.values():
             q.freeze()
         if self.debias_gelu:
-            debias_gelus(trainer.datamodule, module)
+            debias_gelus(trainer.datamodule, module, self.stats_steps)
         module.finalized = True
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
@@ -112,29 +118,35 @@ class Finalize(L.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def representative_stats(dm, module):
-        """Input Gram matrices of every quantized linear at ATG's representatives, group-weighted."""
-        if getattr(dm, "groups", None) is None:
-            raise ValueError("Finalize needs the ATG DataModule's trajectories and groups (fit with ATGDataModule)")
-        traj = dm.traj.subset(dm.groups.representatives)
+    def representative_stats(dm, module, steps: str = "representatives"):
+        """Input Gram matrices of every quantized linear at ATG's representatives, group-weighted (or at all steps)."""
+        traj, weights = statistics_steps(dm, steps)
         return collect_linear_stats(module.teacher, traj, names=list(module.qlinears), gram=True, progress=False,
-                                    batch_size=dm.hparams.calib_batch_size * 2, step_weights=dm.groups.weights)
+                                    batch_size=dm.hparams.calib_batch_size * 2, step_weights=weights)
+
+
+def statistics_steps(dm, steps: str):
+    """(trajectories, step weights) the finalize statistics read: ATG's representatives with their groups'
+    weights, or every calibration step equally."""
+    if getattr(dm, "groups", None) is None:
+        raise ValueError("Finalize needs the ATG DataModule's trajectories and groups (fit with ATGDataModule)")
+    if steps == "all":
+        return dm.traj, None
+    return dm.traj.subset(dm.groups.representatives), dm.groups.weights
 
 
 @torch.no_grad()
-def debias_gelus(dm, module) -> dict[str, torch.Tensor]:
+def debias_gelus(dm, module, steps: str = "representatives") -> dict[str, torch.Tensor]:
     """Measure each quantized fc1's output noise on the quantized model at ATG's representatives (group
     weighted) and debias the GELU after it; returns {GELU module name: noise variance per channel}."""
     parents = gelu_parents(module.transformer, list(module.qlinears))
     if not parents:
         raise ValueError("debias_gelu: no quantized linear feeds a diffusers GELU (ff.net.0.proj) in this model; "
                          "set debias_gelu: false")
-    if getattr(dm, "groups", None) is None:
-        raise ValueError("debias_gelu needs the ATG DataModule's trajectories and groups (fit with ATGDataModule)")
-    traj = dm.traj.subset(dm.groups.representatives)
+    traj, weights = statistics_steps(dm, steps)
     layers = {f"{p}.proj": module.qlinears[f"{p}.proj"] for p in parents}
     noise = collect_output_noise(module.adapter, traj, layers, batch_size=dm.hparams.calib_batch_size * 2,
-                                 step_weights=dm.groups.weights)
+                                 step_weights=weights)
     variances = {p: noise[f"{p}.proj"] for p in parents}
     install_debiased_gelu(module.transformer, variances)
     return variances

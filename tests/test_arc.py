@@ -273,3 +273,18 @@ def test_arc_learns_with_the_lowrank_branch_and_finalize_deploys_it(tmp_path):
 def test_arc_rejects_a_negative_lowrank_rank():
     with pytest.raises(ValueError, match="arc.lowrank_rank must be >= 0"):
         ARCConfig(lowrank_rank=-1)
+
+
+def test_finalize_can_read_statistics_at_every_step(tmp_path):
+    from tca_lightning.callbacks import Finalize
+    from tca_lightning.callbacks.finalize import statistics_steps
+
+    with pytest.raises(ValueError, match="stats_steps must be 'representatives' or 'all'"):
+        Finalize(stats_steps="some")
+    module, trainer = _fit(tmp_path, epochs=1, callbacks=[Finalize(stats_steps="all", pack=False, save=False)])
+    dm = trainer.datamodule
+    every, weights = statistics_steps(dm, "all")
+    some, group_weights = statistics_steps(dm, "representatives")
+    assert module.finalized and every.num_steps == dm.traj.num_steps > some.num_steps == len(group_weights)
+    assert weights is None and all(q.perm is not None for q in module.qlinears.values()
+                                   if q.act_spec.enabled and q.act_spec.granularity == "group")
