@@ -56,6 +56,7 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "lowrank-all": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32"],
     "arc-lowrank-fc1": [A + "lowrank_rank=32", A + "lowrank_roles=[fc1]"],  # learned with the branch (Finalize adds it)
     "arc-lowrank-all": [A + "lowrank_rank=32"],
+    "stats-all": ["--trainer.callbacks.init_args.stats_steps=all"],  # RGQ/GPTQ statistics at every step, ARC on ATG's
     "debias-gelu": ["--trainer.callbacks.init_args.debias_gelu=true"],  # fc1's GELU debiased (quant/debias.py)
     "lowrank-fc1 debias-gelu": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
                                 "--trainer.callbacks.init_args.lowrank_roles=[fc1]",
