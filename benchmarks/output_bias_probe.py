@@ -103,19 +103,17 @@ def act_spec_of(module, role: str, **changes):
 @contextmanager
 def debiased_gelu(module):
     """Every GELU after a quantized fc1 debiased by fc1's output noise on the calibration trajectories."""
-    from tca_lightning.data.calibration import calibration_trajectories, collect_output_noise
-    from tca_lightning.quant.debias import gelu_parents, install_debiased_gelu, remove_debiased_gelu
+    from tca_lightning.callbacks.finalize import debias_gelus_on
+    from tca_lightning.data.calibration import calibration_trajectories
+    from tca_lightning.quant.debias import remove_debiased_gelu
 
-    transformer = module.transformer
-    parents = gelu_parents(transformer, list(module.qlinears))
     traj = calibration_trajectories(module.teacher, module.sampler, module.calibration, module.hparams.model)
-    noise = collect_output_noise(module.adapter, traj, {f"{p}.proj": module.qlinears[f"{p}.proj"] for p in parents})
-    install_debiased_gelu(transformer, {p: noise[f"{p}.proj"] for p in parents})
-    print({p: round(float(noise[f"{p}.proj"].mean()), 5) for p in parents}, flush=True)
+    variances = debias_gelus_on(module, traj)
+    print({p: round(float(v.mean()), 5) for p, v in variances.items()}, flush=True)
     try:
         yield
     finally:
-        remove_debiased_gelu(transformer)
+        remove_debiased_gelu(module.transformer)
 
 
 def sample_shards(module, folder: Path, samples: int, batch: int = 100) -> torch.Tensor:

@@ -135,18 +135,22 @@ def statistics_steps(dm, steps: str):
     return dm.traj.subset(dm.groups.representatives), dm.groups.weights
 
 
-@torch.no_grad()
 def debias_gelus(dm, module, steps: str = "representatives") -> dict[str, torch.Tensor]:
-    """Measure each quantized fc1's output noise on the quantized model at ATG's representatives (group
-    weighted) and debias the GELU after it; returns {GELU module name: noise variance per channel}."""
+    """:func:`debias_gelus_on` the finalize statistics' steps (ATG's representatives, group-weighted, or all)."""
+    traj, weights = statistics_steps(dm, steps)
+    return debias_gelus_on(module, traj, weights, batch_size=dm.hparams.calib_batch_size * 2)
+
+
+@torch.no_grad()
+def debias_gelus_on(module, traj, step_weights=None, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Measure each quantized fc1's output noise on the quantized model over ``traj`` and debias the GELU
+    after it; returns {GELU module name: noise variance per channel}."""
     parents = gelu_parents(module.transformer, list(module.qlinears))
     if not parents:
         raise ValueError("debias_gelu: no quantized linear feeds a diffusers GELU (ff.net.0.proj) in this model; "
                          "set debias_gelu: false")
-    traj, weights = statistics_steps(dm, steps)
     layers = {f"{p}.proj": module.qlinears[f"{p}.proj"] for p in parents}
-    noise = collect_output_noise(module.adapter, traj, layers, batch_size=dm.hparams.calib_batch_size * 2,
-                                 step_weights=weights)
+    noise = collect_output_noise(module.adapter, traj, layers, batch_size=batch_size, step_weights=step_weights)
     variances = {p: noise[f"{p}.proj"] for p in parents}
     install_debiased_gelu(module.transformer, variances)
     return variances
