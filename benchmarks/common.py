@@ -77,17 +77,24 @@ def row_identity(row: dict) -> tuple:
 
 def earlier_rows(save_dir: Path, current: list[dict], keep: Callable[[dict], bool], defaults: str = "",
                  identity: Callable[[dict], tuple] = row_identity) -> list[dict]:
-    """Finished rows in ``save_dir/done`` from earlier invocations (e.g. on another machine) that ``keep``
+    """Finished rows in ``save_dir/done`` and the committed table from earlier invocations (e.g. on another machine) that ``keep``
     accepts, made under the same ``defaults`` (see run_many), and that the current rows do not replace
     (``identity``: by default the same model, method, variant, bits, seed), so a table can be filled
     piecewise; ``accelerator_of`` says where each ran."""
     have = {identity(r) for r in current}
     found = {}
-    for path in sorted((save_dir / "done").glob("*.json")):
-        row = json.loads(path.read_text())
+    for row in [*(json.loads(p.read_text()) for p in sorted((save_dir / "done").glob("*.json"))),
+                *committed_rows(save_dir.name)]:
         if row.get("defaults", "") == defaults_tag(defaults) and identity(row) not in have and keep(row):
             found.setdefault(identity(row), row)
     return list(found.values())
+
+
+def committed_rows(name: str) -> list[dict]:
+    """The rows of benchmarks/results/<name>.json: a fresh checkout has no runs/ folder, and a table that
+    forgot them would be rewritten with only the rows this checkout ran."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()).get("rows", []) if path.is_file() else []
 
 
 def at_budget(row: dict, samples: int, steps: int, calib_conditions: int, calib_steps: int) -> bool:

@@ -57,6 +57,7 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "arc-lowrank-fc1": [A + "lowrank_rank=32", A + "lowrank_roles=[fc1]"],  # learned with the branch (Finalize adds it)
     "arc-lowrank-all": [A + "lowrank_rank=32"],
     "stats-all": ["--trainer.callbacks.init_args.stats_steps=all"],  # RGQ/GPTQ statistics at every step, ARC on ATG's
+    "stats-all w4a8": ["--model.init_args.recipe.abits=8", "--trainer.callbacks.init_args.stats_steps=all"],
     "debias-gelu": ["--trainer.callbacks.init_args.debias_gelu=true"],  # fc1's GELU debiased (quant/debias.py)
     "lowrank-fc1 debias-gelu": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
                                 "--trainer.callbacks.init_args.lowrank_roles=[fc1]",

@@ -111,6 +111,20 @@ def test_changed_defaults_rerun_rows_and_hide_the_old_ones(common, tmp_path):
     assert common.earlier_rows(tmp_path, rows, keep=lambda r: True, defaults="lambda 0.01") == []
 
 
+def test_a_fresh_checkout_keeps_the_committed_rows(common, tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    committed = {"model": "tiny-dit", "method": "gptq", "wbits": 4, "abits": 4, "seed": 0, "psnr_vs_fp": 20.0}
+    (tmp_path / "results" / "table.json").write_text(json.dumps({"rows": [committed, {**committed, "wbits": 8}]}))
+    save_dir = tmp_path / "table"  # no runs/table/done: nothing ran in this checkout
+    assert common.earlier_rows(save_dir, [], keep=lambda r: r["wbits"] == 4) == [committed]
+    (save_dir / "done").mkdir(parents=True)
+    (save_dir / "done" / "a.json").write_text(json.dumps({**committed, "psnr_vs_fp": 21.0}))
+    rows = common.earlier_rows(save_dir, [], keep=lambda r: True)
+    assert [r["psnr_vs_fp"] for r in rows] == [21.0, 20.0]  # a row finished here replaces its committed twin
+    assert common.earlier_rows(save_dir, [committed], keep=lambda r: True, defaults="other") == []
+
+
 def test_rows_remember_the_invocation_that_made_them(common, tmp_path, monkeypatch):
     made_by = {"invocation": "python benchmarks/ptq_table.py --accelerator gpu", "machine": "H100", "date": "today"}
     common.run_many(RUNS[:1], tmp_path, provenance=made_by)
