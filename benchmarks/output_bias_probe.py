@@ -15,7 +15,7 @@ shards under ``--cache`` (a rerun samples nothing). Writes benchmarks/results/ou
 ``--fp-roles fc2 embedders ...`` adds one row per role with that role's linears put back to the FP model's
 (weights and inputs unquantized, no transform): which layers the FID excess comes from. ``--fp-acts fc1``:
 that role's inputs unquantized, its weights as calibrated; ``--act-clip fc1=0.9``: its activation range
-clipped to that fraction. ``--no-correction`` skips the corrected row.
+clipped to that fraction; ``--fp-steps-below 200``: the sampler's steps at t < 200 run the FP model. ``--no-correction`` skips the corrected row.
 """
 
 from __future__ import annotations
@@ -101,6 +101,21 @@ def act_spec_of(module, role: str, **changes):
 
 
 @contextmanager
+def fp_steps_below(module, threshold: float):
+    """Every forward at a timestep below ``threshold`` answered by the FP model (the rest quantized): how much of
+    the images' distance from FP the late, low-noise steps carry."""
+    teacher = module.teacher.transformer
+
+    def hook(transformer, args, kwargs, output):
+        return teacher(*args, **kwargs) if float(kwargs["timestep"].reshape(-1)[0]) < threshold else output
+    handle = module.transformer.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def debiased_gelu(module):
     """Every GELU after a quantized fc1 debiased by fc1's output noise on the calibration trajectories."""
     from tca_lightning.callbacks.finalize import debias_gelus_on
@@ -169,6 +184,8 @@ def main() -> None:
                         help="one row per entry, that role's activation range clipped to RATIO")
     parser.add_argument("--debias-gelu", action="store_true",
                         help="a row with fc1's GELU debiased by its calibrated output noise (quant/debias.py)")
+    parser.add_argument("--fp-steps-below", nargs="*", type=float, default=[], metavar="T",
+                        help="one row per T: sampler steps at timesteps below T run the FP model")
     parser.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True,
                         help="the output-bias-corrected row")
     args = parser.parse_args()
@@ -203,6 +220,9 @@ def main() -> None:
             tag = f"clip{float(ratio):g}".replace(".", "")
             images[f"{role} inputs clipped to {float(ratio):g}"] = sample_shards(module, cache / f"{tag}-{role}",
                                                                                args.samples)
+    for threshold in args.fp_steps_below:
+        with fp_steps_below(module, threshold):
+            images[f"FP below t={threshold:g}"] = sample_shards(module, cache / f"fp-below-{threshold:g}", args.samples)
     if args.debias_gelu:
         with debiased_gelu(module):
             images["fc1 GELU debiased"] = sample_shards(module, cache / "debias-gelu", args.samples)

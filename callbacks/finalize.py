@@ -29,7 +29,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from tca_lightning.data.calibration import collect_linear_stats, collect_output_noise
+from tca_lightning.data.calibration import collect_linear_stats, collect_output_noise, output_error_per_step
 from tca_lightning.export import save_quantized
 from tca_lightning.methods.gptq import GPTQ
 from tca_lightning.methods.svdquant import apply_svdquant, lowrank_rank
@@ -44,7 +44,7 @@ PACKED_DIR = "quantized"  # <run_dir>/quantized: the packed checkpoint
 class Finalize(L.Callback):
     def __init__(self, rgq: bool = True, gptq: bool = True, percdamp: float = 0.01, save: bool = True,
                  pack: bool = True, lowrank_rank: int = 0, lowrank_roles: list[str] | None = None,
-                 debias_gelu: bool = False, stats_steps: str = "representatives"):
+                 debias_gelu: bool = False, stats_steps: str = "representatives", step_weighting: str = "share"):
         """
         Args:
             rgq: reorder channels by calibrated magnitude before group quantization.
@@ -60,22 +60,33 @@ class Finalize(L.Callback):
             stats_steps: the timesteps whose statistics RGQ, GPTQ and the debias read: ``representatives``
                 (ATG's K, group-weighted) or ``all`` (every calibration step, one forward pass each: cheap
                 next to ARC, which ATG's selection is for).
+            step_weighting: how those steps weigh in the statistics: ``share`` (each group's share of the
+                trajectory; all steps equally) or ``output_error`` (that times the baked model's relative output
+                error at the step, measured before RGQ and GPTQ: the late, low-noise steps, where 4-bit
+                activations cost the most and where the images' fine detail is made, weigh more).
         """
+        if step_weighting not in ("share", "output_error"):
+            raise ValueError(f"step_weighting must be 'share' or 'output_error', got {step_weighting!r}")
         if stats_steps not in ("representatives", "all"):
             raise ValueError(f"stats_steps must be 'representatives' or 'all', got {stats_steps!r}")
         if lowrank_rank < 0:
             raise ValueError(f"lowrank_rank must be >= 0 (0: no low-rank branch), got {lowrank_rank}")
         self.rgq, self.gptq, self.percdamp, self.save, self.pack = rgq, gptq, percdamp, save, pack
         self.lowrank_rank, self.lowrank_roles, self.debias_gelu = lowrank_rank, lowrank_roles, debias_gelu
-        self.stats_steps = stats_steps
+        self.stats_steps, self.step_weighting = stats_steps, step_weighting
 
     def on_fit_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if not hasattr(module, "bake") or getattr(module, "finalized", False):
             return
         start = time.perf_counter()
         module.bake()
+        traj, weights = statistics_steps(trainer.datamodule, self.stats_steps)
+        if self.step_weighting == "output_error":
+            weights = error_weighted(module, traj, weights, trainer.datamodule.hparams.calib_batch_size * 2)
+            record = getattr(module, "_quant_record", {})
+            record["stats_step_weights"] = [round(float(w), 4) for w in weights]
         if self.rgq or self.gptq:
-            stats = self.representative_stats(trainer.datamodule, module, self.stats_steps)
+            stats = self.representative_stats(trainer.datamodule, module, self.stats_steps, traj, weights)
             if self.rgq:
                 reorder_groups(module.qlinears, stats)
         rank, roles = self.lowrank_rank, self.lowrank_roles
@@ -88,7 +99,7 @@ class Finalize(L.Callback):
         for q in module.qlinears.values():
             q.freeze()
         if self.debias_gelu:
-            debias_gelus(trainer.datamodule, module, self.stats_steps)
+            debias_gelus_on(module, traj, weights, batch_size=trainer.datamodule.hparams.calib_batch_size * 2)
         module.finalized = True
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
@@ -118,9 +129,11 @@ class Finalize(L.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def representative_stats(dm, module, steps: str = "representatives"):
-        """Input Gram matrices of every quantized linear at ATG's representatives, group-weighted (or at all steps)."""
-        traj, weights = statistics_steps(dm, steps)
+    def representative_stats(dm, module, steps: str = "representatives", traj=None, weights=None):
+        """Input Gram matrices of every quantized linear at ATG's representatives, group-weighted (or at all steps;
+        or over given ``traj`` and step ``weights``)."""
+        if traj is None:
+            traj, weights = statistics_steps(dm, steps)
         return collect_linear_stats(module.teacher, traj, names=list(module.qlinears), gram=True, progress=False,
                                     batch_size=dm.hparams.calib_batch_size * 2, step_weights=weights)
 
@@ -135,10 +148,12 @@ def statistics_steps(dm, steps: str):
     return dm.traj.subset(dm.groups.representatives), dm.groups.weights
 
 
-def debias_gelus(dm, module, steps: str = "representatives") -> dict[str, torch.Tensor]:
-    """:func:`debias_gelus_on` the finalize statistics' steps (ATG's representatives, group-weighted, or all)."""
-    traj, weights = statistics_steps(dm, steps)
-    return debias_gelus_on(module, traj, weights, batch_size=dm.hparams.calib_batch_size * 2)
+def error_weighted(module, traj, weights, batch_size: int = 64) -> torch.Tensor:
+    """Step weights (sum 1): ``weights`` (None: equal) times the module's relative output error at each step."""
+    error = output_error_per_step(module.adapter, module.teacher, traj, batch_size)
+    base = torch.full_like(error, 1.0 / len(error)) if weights is None else weights.to(error)
+    weighted = base * error
+    return weighted / weighted.sum()
 
 
 @torch.no_grad()

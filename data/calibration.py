@@ -234,6 +234,29 @@ def collect_output_noise(adapter: DiffusionAdapter, traj: Trajectories, qlinears
     return {n: (sums[n] / max(tokens[n], 1e-12)).float() for n in sums}
 
 
+@torch.no_grad()
+def output_error_per_step(student: DiffusionAdapter, teacher: DiffusionAdapter, traj: Trajectories,
+                          batch_size: int = 64) -> torch.Tensor:
+    """(T,) relative error ||eps_q - eps||^2 / ||eps||^2 of the student's noise prediction per step (both
+    guidance halves), on the teacher's own x_t: where along the trajectory quantization hurts the output."""
+    device = next(student.transformer.parameters()).device
+    guided = traj.sampler.guidance_scale > 1.0
+    channels = traj.x.shape[2]  # learned-sigma outputs carry more channels; eps is the first ``channels``
+    errors = []
+    for s in range(traj.num_steps):
+        err = ref = 0.0
+        for lo in range(0, traj.x.shape[1], batch_size):
+            x = traj.x[s, lo:lo + batch_size].to(device)
+            cond = slice_condition(traj.cond, lo, lo + batch_size).to(device)
+            if guided:
+                cond, x = cond.cat(student.null_condition(len(x)).to(device)), torch.cat([x, x])
+            fp = teacher.forward(x, traj.timesteps[s], cond)[:, :channels].float()
+            err += float((student.forward(x, traj.timesteps[s], cond)[:, :channels].float() - fp).square().sum())
+            ref += float(fp.square().sum())
+        errors.append(err / max(ref, 1e-12))
+    return torch.tensor(errors)
+
+
 def run_trajectories(adapter: DiffusionAdapter, traj: Trajectories, batch_size: int, handles: list,
                      step_holder: list[int], progress: bool, desc: str = "calibration statistics") -> None:
     """One forward per step and batch (with the unconditional half under guidance), ``step_holder[0]``

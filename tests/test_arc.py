@@ -275,6 +275,27 @@ def test_arc_rejects_a_negative_lowrank_rank():
         ARCConfig(lowrank_rank=-1)
 
 
+def test_finalize_weights_steps_by_the_output_error_it_measures(tmp_path):
+    from tca_lightning.callbacks import Finalize
+    from tca_lightning.callbacks.finalize import error_weighted, statistics_steps
+    from tca_lightning.data.calibration import output_error_per_step
+
+    with pytest.raises(ValueError, match="step_weighting must be 'share' or 'output_error'"):
+        Finalize(step_weighting="late")
+    module, trainer = _fit(tmp_path, epochs=1, callbacks=[Finalize(stats_steps="all", step_weighting="output_error",
+                                                                   pack=False, save=False)])
+    traj, _ = statistics_steps(trainer.datamodule, "all")
+    error = output_error_per_step(module.adapter, module.teacher, traj, batch_size=8)
+    assert error.shape == (traj.num_steps,) and (error > 0).all()
+    assert output_error_per_step(module.teacher, module.teacher, traj, batch_size=8).abs().max() == 0  # FP vs FP
+    weights = error_weighted(module, traj, None, batch_size=8)
+    torch.testing.assert_close(weights, error / error.sum())  # equal shares: proportional to the error
+    shares = torch.linspace(1, 2, traj.num_steps)
+    torch.testing.assert_close(error_weighted(module, traj, shares, 8), shares * error / (shares * error).sum())
+    recorded = module._quant_record["stats_step_weights"]
+    assert len(recorded) == traj.num_steps and abs(sum(recorded) - 1) < 1e-3 and max(recorded) > 1.2 / traj.num_steps
+
+
 def test_finalize_can_read_statistics_at_every_step(tmp_path):
     from tca_lightning.callbacks import Finalize
     from tca_lightning.callbacks.finalize import statistics_steps
