@@ -21,6 +21,34 @@ RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = {"tiny-dit": "configs/tiny_dit.yaml", "tiny-pixart": "configs/tiny_pixart.yaml"}
 
 
+BASELINES = ("svdquant", "quarot+gptq", "viditq")  # the strongest baselines of ptq_table.md (FID, PSNR)
+
+
+def baseline_method(name: str, recipe):
+    """A baseline of benchmarks/ptq_table.py by its row name, on ``recipe``."""
+    from tca_lightning.methods import GPTQ, QuaRot, SVDQuant, ViDiTQ
+
+    make = {"svdquant": lambda: SVDQuant(recipe), "quarot+gptq": lambda: GPTQ(recipe, base=QuaRot(recipe)),
+            "viditq": lambda: ViDiTQ(recipe)}
+    if name not in make:
+        raise ValueError(f"unknown baseline {name!r}; one of {sorted(make)}")
+    return make[name]()
+
+
+def baseline_student(module, name: str):
+    """A copy of ``module``'s FP teacher quantized with baseline ``name`` on the module's recipe and calibration
+    budget (the trajectories are cached, so they are the ones the module calibrated on)."""
+    import copy
+
+    from tca_lightning.models.adapters import get_adapter
+    from tca_lightning.ptq import quantize_model
+
+    student = get_adapter(copy.deepcopy(module.teacher.transformer), module.caption_encoder)
+    quantize_model(student, baseline_method(name, module.recipe), module.sampler, module.calibration,
+                   module.hparams.model)
+    return student
+
+
 def machine(threads: int | None = None, accelerator: str | None = None) -> str:
     """CPU model (and GPU, when the runs use one), threads per run, library versions."""
     import torch

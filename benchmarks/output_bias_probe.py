@@ -15,7 +15,9 @@ shards under ``--cache`` (a rerun samples nothing). Writes benchmarks/results/ou
 ``--fp-roles fc2 embedders ...`` adds one row per role with that role's linears put back to the FP model's
 (weights and inputs unquantized, no transform): which layers the FID excess comes from. ``--fp-acts fc1``:
 that role's inputs unquantized, its weights as calibrated; ``--act-clip fc1=0.9``: its activation range
-clipped to that fraction; ``--fp-steps-below 200``: the sampler's steps at t < 200 run the FP model. ``--no-correction`` skips the corrected row.
+clipped to that fraction; ``--fp-steps-below 200``: the sampler's steps at t < 200 run the FP model. ``--baselines svdquant``: a row for that baseline, calibrated on the checkpoint's model, recipe and budget
+(its FID against the FP model's images, which FID against real digits does not give). ``--no-correction``
+skips the corrected row.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import ROOT, machine, now, write_tables
+from common import BASELINES, ROOT, baseline_student, machine, now, write_tables
 
 COLUMNS = ("variant", "samples", "fid_vs_real", "fid_mean_term", "fid_cov_term", "fid_vs_fp", "fid_vs_fp_mean_term",
            "psnr_vs_fp", "mean_pixel_shift", "mean_abs_pixel_error")
@@ -184,6 +186,8 @@ def main() -> None:
                         help="one row per entry, that role's activation range clipped to RATIO")
     parser.add_argument("--debias-gelu", action="store_true",
                         help="a row with fc1's GELU debiased by its calibrated output noise (quant/debias.py)")
+    parser.add_argument("--baselines", nargs="*", default=[], choices=BASELINES,
+                        help="one row per baseline, calibrated here on the checkpoint's model, recipe and budget")
     parser.add_argument("--fp-steps-below", nargs="*", type=float, default=[], metavar="T",
                         help="one row per T: sampler steps at timesteps below T run the FP model")
     parser.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True,
@@ -220,6 +224,11 @@ def main() -> None:
             tag = f"clip{float(ratio):g}".replace(".", "")
             images[f"{role} inputs clipped to {float(ratio):g}"] = sample_shards(module, cache / f"{tag}-{role}",
                                                                                args.samples)
+    for name in args.baselines:
+        calibrated = module.transformer
+        module.transformer = baseline_student(module, name).transformer
+        images[f"baseline {name}"] = sample_shards(module, cache / f"baseline-{name}", args.samples)
+        module.transformer = calibrated
     for threshold in args.fp_steps_below:
         with fp_steps_below(module, threshold):
             images[f"FP below t={threshold:g}"] = sample_shards(module, cache / f"fp-below-{threshold:g}", args.samples)
