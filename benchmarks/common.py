@@ -35,6 +35,18 @@ def baseline_method(name: str, recipe):
     return make[name]()
 
 
+def load_finalized(ckpt: str):
+    """The ARC module of a finalized.ckpt with its quantizers frozen, as Finalize left it."""
+    from tca_lightning.arc import ARC
+
+    module = ARC.load_from_checkpoint(ckpt, map_location="cpu")
+    if not module.finalized:
+        raise SystemExit(f"{ckpt} is not a finalized checkpoint (Finalize writes checkpoints/finalized.ckpt)")
+    for q in module.qlinears.values():
+        q.freeze()
+    return module
+
+
 def baseline_student(module, name: str):
     """A copy of ``module``'s FP teacher quantized with baseline ``name`` on the module's recipe and calibration
     budget (the trajectories are cached, so they are the ones the module calibrated on)."""

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import BASELINES, ROOT, baseline_student, machine, now, write_tables
+from common import BASELINES, ROOT, baseline_student, load_finalized, machine, now, write_tables
 
 COLUMNS = ("variant", "samples", "fid_vs_real", "fid_mean_term", "fid_cov_term", "fid_vs_fp", "fid_vs_fp_mean_term",
            "psnr_vs_fp", "mean_pixel_shift", "mean_abs_pixel_error")
@@ -195,15 +195,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
-    from tca_lightning.arc import ARC
     from tca_lightning.evaluate import real_digits
     from tca_lightning.models.loading import load_classifier
 
-    module = ARC.load_from_checkpoint(args.ckpt, map_location="cpu")
-    if not module.finalized:
-        raise SystemExit(f"{args.ckpt} is not a finalized checkpoint (Finalize writes checkpoints/finalized.ckpt)")
-    for q in module.qlinears.values():
-        q.freeze()
+    module = load_finalized(args.ckpt)
     key = hashlib.sha256(Path(args.ckpt).read_bytes()).hexdigest()[:12]
     cache = ROOT / args.cache / key
     images = {"as calibrated": sample_shards(module, cache / "plain", args.samples)}

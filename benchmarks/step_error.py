@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import BASELINES, baseline_student, machine, now, write_tables
+from common import BASELINES, baseline_student, load_finalized, machine, now, write_tables
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,14 +29,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.time()
-    from tca_lightning.arc import ARC
     from tca_lightning.data.calibration import calibration_trajectories, output_error_per_step
 
-    module = ARC.load_from_checkpoint(args.ckpt, map_location="cpu")
-    if not module.finalized:
-        raise SystemExit(f"{args.ckpt} is not a finalized checkpoint (Finalize writes checkpoints/finalized.ckpt)")
-    for q in module.qlinears.values():
-        q.freeze()
+    module = load_finalized(args.ckpt)
     fp = module.teacher
     traj = calibration_trajectories(fp, module.sampler, module.calibration, module.hparams.model)
     batch = module.calibration.batch_size

@@ -175,3 +175,14 @@ def test_result_neutral_arc_settings_stay_out_of_the_rows_key(repo_root, monkeyp
         assert f"{name}=" not in tag
     others = [f.name for f in dataclasses.fields(ARCConfig) if f.name not in tca.RESULT_NEUTRAL]
     assert all(f"{name}=" in tag for name in others)
+
+
+def test_baselines_are_named_as_in_the_ptq_table(common):
+    from tca_lightning.methods import GPTQ, QuaRot, QuantRecipe, SVDQuant
+
+    recipe = QuantRecipe(wbits=4, abits=4)
+    assert isinstance(common.baseline_method("svdquant", recipe), SVDQuant)
+    quarot_gptq = common.baseline_method("quarot+gptq", recipe)
+    assert isinstance(quarot_gptq, GPTQ) and isinstance(quarot_gptq.base, QuaRot)
+    with pytest.raises(ValueError, match="unknown baseline 'svd'"):
+        common.baseline_method("svd", recipe)
