@@ -58,6 +58,9 @@ TUNING = {  # how the defaults were chosen (run with --variants; not part of the
     "arc-lowrank-all": [A + "lowrank_rank=32"],
     "stats-all": ["--trainer.callbacks.init_args.stats_steps=all"],  # RGQ/GPTQ statistics at every step, ARC on ATG's
     "stats-all w4a8": ["--model.init_args.recipe.abits=8", "--trainer.callbacks.init_args.stats_steps=all"],
+    # the main recipe on other calibration data and rotation seeds: the spread a single calibration has
+    "calib-seed-1": ["--model.init_args.calibration.seed=1001", A + "seed=1"],
+    "calib-seed-2": ["--model.init_args.calibration.seed=1002", A + "seed=2"],
     "debias-gelu": ["--trainer.callbacks.init_args.debias_gelu=true"],  # fc1's GELU debiased (quant/debias.py)
     "lowrank-fc1 debias-gelu": ["--trainer.callbacks.init_args.pack=false", "--trainer.callbacks.init_args.lowrank_rank=32",
                                 "--trainer.callbacks.init_args.lowrank_roles=[fc1]",
