@@ -80,8 +80,10 @@ class Finalize(L.Callback):
             return
         start = time.perf_counter()
         module.bake()
-        traj, weights = statistics_steps(trainer.datamodule, self.stats_steps)
-        if self.step_weighting == "output_error":
+        traj = weights = None
+        if self.rgq or self.gptq or self.debias_gelu:  # the steps (and weights) the statistics read
+            traj, weights = statistics_steps(trainer.datamodule, self.stats_steps)
+        if traj is not None and self.step_weighting == "output_error":
             weights = error_weighted(module, traj, weights, trainer.datamodule.hparams.calib_batch_size * 2)
             record = getattr(module, "_quant_record", {})
             record["stats_step_weights"] = [round(float(w), 4) for w in weights]
