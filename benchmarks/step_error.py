@@ -20,6 +20,7 @@ import torch
 
 from common import BASELINES, baseline_student, load_finalized, machine, now, write_tables
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a finalized.ckpt of a tiny model (fit's Finalize writes it)")

@@ -80,15 +80,16 @@ class Finalize(L.Callback):
             return
         start = time.perf_counter()
         module.bake()
+        batch = trainer.datamodule.hparams.calib_batch_size * 2
         traj = weights = None
+        weighted = {}  # the measured step weights, for metrics.json
         if self.rgq or self.gptq or self.debias_gelu:  # the steps (and weights) the statistics read
             traj, weights = statistics_steps(trainer.datamodule, self.stats_steps)
-        if traj is not None and self.step_weighting == "output_error":
-            weights = error_weighted(module, traj, weights, trainer.datamodule.hparams.calib_batch_size * 2)
-            record = getattr(module, "_quant_record", {})
-            record["stats_step_weights"] = [round(float(w), 4) for w in weights]
+            if self.step_weighting == "output_error":
+                weights = error_weighted(module, traj, weights, batch)
+                weighted = {"stats_step_weights": [round(float(w), 4) for w in weights]}
         if self.rgq or self.gptq:
-            stats = self.representative_stats(trainer.datamodule, module, self.stats_steps, traj, weights)
+            stats = self.gram_stats(module, traj, weights, batch)
             if self.rgq:
                 reorder_groups(module.qlinears, stats)
         rank, roles = self.lowrank_rank, self.lowrank_roles
@@ -101,12 +102,12 @@ class Finalize(L.Callback):
         for q in module.qlinears.values():
             q.freeze()
         if self.debias_gelu:
-            debias_gelus_on(module, traj, weights, batch_size=trainer.datamodule.hparams.calib_batch_size * 2)
+            debias_gelus_on(module, traj, weights, batch_size=batch)
         module.finalized = True
         record = getattr(module, "_quant_record", {})
         record["calib_seconds"] = round(record.get("calib_seconds", 0.0) + time.perf_counter() - start, 2)
         record.update(rgq=self.rgq, gptq=self.gptq, **({"lowrank_rank": rank} if rank else {}),
-                      **({"debias_gelu": True} if self.debias_gelu else {}))
+                      **({"debias_gelu": True} if self.debias_gelu else {}), **weighted)
         if not (self.save or self.pack):
             return
         run_dir = module.run_dir()  # on every rank: under DDP it is a collective
@@ -131,13 +132,10 @@ class Finalize(L.Callback):
 
     @staticmethod
     @torch.no_grad()
-    def representative_stats(dm, module, steps: str = "representatives", traj=None, weights=None):
-        """Input Gram matrices of every quantized linear at ATG's representatives, group-weighted (or at all steps;
-        or over given ``traj`` and step ``weights``)."""
-        if traj is None:
-            traj, weights = statistics_steps(dm, steps)
+    def gram_stats(module, traj, weights, batch_size: int):
+        """Input Gram matrices of every quantized linear over the statistics' steps (:func:`statistics_steps`)."""
         return collect_linear_stats(module.teacher, traj, names=list(module.qlinears), gram=True, progress=False,
-                                    batch_size=dm.hparams.calib_batch_size * 2, step_weights=weights)
+                                    batch_size=batch_size, step_weights=weights)
 
 
 def statistics_steps(dm, steps: str):

@@ -239,41 +239,38 @@ def output_error_per_step(student: DiffusionAdapter, teacher: DiffusionAdapter, 
                           batch_size: int = 64) -> torch.Tensor:
     """(T,) relative error ||eps_q - eps||^2 / ||eps||^2 of the student's noise prediction per step (both
     guidance halves), on the teacher's own x_t: where along the trajectory quantization hurts the output."""
-    device = next(student.transformer.parameters()).device
-    guided = traj.sampler.guidance_scale > 1.0
     channels = traj.x.shape[2]  # learned-sigma outputs carry more channels; eps is the first ``channels``
-    errors = []
-    for s in range(traj.num_steps):
-        err = ref = 0.0
+    err, ref = torch.zeros(traj.num_steps, dtype=torch.float64), torch.zeros(traj.num_steps, dtype=torch.float64)
+    for s, x, cond in trajectory_batches(student, traj, batch_size):
+        fp = teacher.forward(x, traj.timesteps[s], cond)[:, :channels].float()
+        err[s] += float((student.forward(x, traj.timesteps[s], cond)[:, :channels].float() - fp).square().sum())
+        ref[s] += float(fp.square().sum())
+    return (err / ref.clamp_min(1e-12)).float()
+
+
+def trajectory_batches(adapter: DiffusionAdapter, traj: Trajectories, batch_size: int, progress: bool = False,
+                       desc: str = ""):
+    """(step, x_t, condition) batches over every step, on the adapter's device, with the unconditional half
+    appended under guidance: the inputs one model call per step and batch sees."""
+    device = next(adapter.transformer.parameters()).device
+    guided = traj.sampler.guidance_scale > 1.0
+    for s in tqdm(range(traj.num_steps), disable=not progress, desc=desc, leave=False):
         for lo in range(0, traj.x.shape[1], batch_size):
             x = traj.x[s, lo:lo + batch_size].to(device)
             cond = slice_condition(traj.cond, lo, lo + batch_size).to(device)
             if guided:
-                cond, x = cond.cat(student.null_condition(len(x)).to(device)), torch.cat([x, x])
-            fp = teacher.forward(x, traj.timesteps[s], cond)[:, :channels].float()
-            err += float((student.forward(x, traj.timesteps[s], cond)[:, :channels].float() - fp).square().sum())
-            ref += float(fp.square().sum())
-        errors.append(err / max(ref, 1e-12))
-    return torch.tensor(errors)
+                cond, x = cond.cat(adapter.null_condition(len(x)).to(device)), torch.cat([x, x])
+            yield s, x, cond
 
 
 def run_trajectories(adapter: DiffusionAdapter, traj: Trajectories, batch_size: int, handles: list,
                      step_holder: list[int], progress: bool, desc: str = "calibration statistics") -> None:
     """One forward per step and batch (with the unconditional half under guidance), ``step_holder[0]``
     naming the step for the hooks; removes ``handles`` at the end."""
-    device = next(adapter.transformer.parameters()).device
-    guided = traj.sampler.guidance_scale > 1.0
     try:
-        n_items = traj.x.shape[1]
-        for s in tqdm(range(traj.num_steps), disable=not progress, desc=desc, leave=False):
+        for s, x, cond in trajectory_batches(adapter, traj, batch_size, progress, desc):
             step_holder[0] = s
-            for lo in range(0, n_items, batch_size):
-                x = traj.x[s, lo:lo + batch_size].to(device)
-                cond = slice_condition(traj.cond, lo, lo + batch_size).to(device)
-                if guided:
-                    cond = cond.cat(adapter.null_condition(len(x)).to(device))
-                    x = torch.cat([x, x])
-                adapter.forward(x, traj.timesteps[s], cond)
+            adapter.forward(x, traj.timesteps[s], cond)
     finally:
         for h in handles:
             h.remove()
